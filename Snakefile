@@ -1,0 +1,26 @@
+# The thesis reproduction as one DAG. Targets:
+#   all   -- everything the config asks for (default)
+#   data  -- prepared datasets and their subsets only
+# See README.md for the config files and the output layout.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        data_targets(),
+
+
+rule data:
+    input:
+        data_targets(),

@@ -1,0 +1,198 @@
+"""``neural-kernels <stage> ...``: one subcommand per pipeline stage.
+
+Every subcommand works on plain files without Snakemake; the workflow's rules call
+the same subcommands. Errors a user can fix print one line (``error: ...``) and exit
+with status 1; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from neural_kernels import __version__
+from neural_kernels.errors import NeuralKernelsError
+
+Handler = Callable[[argparse.Namespace], object]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not strictly between 0 and 1")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _cmd_download(args: argparse.Namespace) -> object:
+    from neural_kernels.data.download import download_file
+    from neural_kernels.data.sources import ARCHIVES
+
+    source = ARCHIVES.get(args.source) if args.source else None
+    url = args.url or (source.url if source else None)
+    checksum = args.checksum or (source.checksum if source else None)
+    if url is None or checksum is None:
+        raise NeuralKernelsError("give --source, or both --url and --checksum")
+    out = Path(args.out)
+    if args.out.endswith("/") or out.is_dir():
+        out = out / (source.filename if source else Path(url).name)
+    return str(download_file(url, out, checksum, retries=args.retries, timeout=args.timeout))
+
+
+def _cmd_prepare(args: argparse.Namespace) -> object:
+    from neural_kernels.data.prepared import prepare_dataset
+
+    meta = prepare_dataset(
+        args.source,
+        args.out,
+        archive=args.archive,
+        npz=args.npz,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        image_size=args.image_size,
+        checksum=args.checksum,
+    )
+    return {split: info["size"] for split, info in meta["splits"].items()}
+
+
+def _cmd_subset(args: argparse.Namespace) -> object:
+    from neural_kernels.data.prepared import write_subset
+
+    meta = write_subset(args.data, args.size, args.seed, args.out)
+    return meta["splits"]["train"]
+
+
+def _cmd_sources(args: argparse.Namespace) -> object:
+    from neural_kernels.data.sources import ARCHIVES
+
+    return {
+        name: {"url": s.url, "checksum": s.checksum, "description": s.description}
+        for name, s in ARCHIVES.items()
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from neural_kernels.data.sources import ARCHIVES, SOURCE_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="neural-kernels",
+        description="Scalable neural-network kernels for image classification.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    p = sub.add_parser(
+        "sources",
+        help="list the downloadable datasets with their official URLs and checksums",
+        description="Print the official archive URL, checksum and content of each dataset as JSON.",
+    )
+    p.set_defaults(handler=_cmd_sources)
+
+    p = sub.add_parser(
+        "download",
+        help="download an archive and verify its checksum",
+        description=(
+            "Download a file to --out, verifying its checksum; retries transient "
+            "failures; never leaves an unverified file at --out. An existing --out "
+            "with the right checksum is kept without network access."
+        ),
+    )
+    p.add_argument(
+        "--source", choices=sorted(ARCHIVES), help="use this dataset's official URL and checksum"
+    )
+    p.add_argument("--url", help="address to fetch (http, https or file); overrides --source's")
+    p.add_argument("--checksum", help="'<md5|sha256|...>:<hex>'; overrides --source's")
+    p.add_argument(
+        "--out", required=True, help="destination file, or directory (ends with /)"
+    )
+    p.add_argument(
+        "--retries", type=int, default=3, help="extra attempts on transient failures (default 3)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="socket timeout in seconds (default 60)"
+    )
+    p.set_defaults(handler=_cmd_download)
+
+    p = sub.add_parser(
+        "prepare",
+        help="convert a dataset into memory-mappable train/val/test .npy splits",
+        description=(
+            "Convert a source (digits, a downloaded archive, or a custom .npz of "
+            "'images' (N,H,W[,C]) uint8 and 'labels' (N,) int, optionally "
+            "'test_images'/'test_labels'/'classes') into OUT/{train,val,test}_"
+            "{images,labels}.npy and OUT/meta.json. The validation split is a seeded, "
+            "class-stratified fraction of the training data."
+        ),
+    )
+    p.add_argument("--source", choices=SOURCE_NAMES, required=True)
+    p.add_argument(
+        "--archive", type=Path, help="the downloaded archive (cifar10, tiny_imagenet, imagenet_r)"
+    )
+    p.add_argument("--npz", type=Path, help="the .npz file (custom)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.1,
+        help="share of training data held out for validation (default 0.1)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.2,
+        help="share held out for test when the source has no official test split (default 0.2)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out splits (default 0)")
+    p.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=224,
+        help="imagenet_r: resize images to this square size (default 224)",
+    )
+    p.add_argument("--checksum", help="recorded in meta.json for provenance")
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser(
+        "subset",
+        help="draw a class-balanced random subset of a prepared training split",
+        description=(
+            "Write OUT/train_{images,labels,indices}.npy and OUT/meta.json: SIZE "
+            "training images of DATA, equally many per class, drawn with SEED."
+        ),
+    )
+    p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    p.add_argument("--size", type=_positive_int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(handler=_cmd_subset)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; print its result as JSON on stdout."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result = args.handler(args)
+    except NeuralKernelsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0

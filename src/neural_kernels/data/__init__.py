@@ -1,0 +1,24 @@
+"""Datasets: download with checksums, convert to memory-mappable splits, subsets.
+
+See :mod:`neural_kernels.data.prepared` for the on-disk format.
+"""
+
+from neural_kernels.data.download import download_file, verify_checksum
+from neural_kernels.data.prepared import (
+    load_meta,
+    load_split,
+    prepare_dataset,
+    write_subset,
+)
+from neural_kernels.data.sources import ARCHIVES, SOURCE_NAMES
+
+__all__ = [
+    "ARCHIVES",
+    "SOURCE_NAMES",
+    "download_file",
+    "load_meta",
+    "load_split",
+    "prepare_dataset",
+    "verify_checksum",
+    "write_subset",
+]

@@ -1,0 +1,181 @@
+"""Fetching archives: checksum-verified, retried on transient failures, atomic.
+
+``torchvision.datasets.utils.download_url`` verifies md5 only, writes straight to the
+final path (a killed transfer leaves a file that looks complete) and never retries, so
+this module streams to ``<dest>.part``, checks the length and the digest, and only then
+renames the file into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from neural_kernels.errors import ChecksumError, DownloadError
+
+log = logging.getLogger(__name__)
+
+#: HTTP status codes worth another try: timeouts, rate limits, server hiccups.
+TRANSIENT_HTTP_CODES = frozenset({408, 425, 429, 500, 502, 503, 504})
+CHUNK_BYTES = 1 << 20
+HASH_ALGORITHMS = ("md5", "sha1", "sha256", "sha512")
+
+
+def parse_checksum(checksum: str) -> tuple[str, str]:
+    """Split ``"<algorithm>:<hex digest>"`` (e.g. ``"md5:c58f..."``) into its parts."""
+    algorithm, sep, digest = checksum.partition(":")
+    algorithm = algorithm.strip().lower()
+    digest = digest.strip().lower()
+    if not sep or algorithm not in HASH_ALGORITHMS or not digest:
+        raise ValueError(
+            f"checksum {checksum!r} is not of the form '<algorithm>:<hex digest>' with "
+            f"algorithm one of {', '.join(HASH_ALGORITHMS)} (e.g. 'md5:c58f3010...')"
+        )
+    try:
+        int(digest, 16)
+    except ValueError:
+        raise ValueError(f"checksum {checksum!r}: the digest is not hexadecimal") from None
+    expected_len = hashlib.new(algorithm).digest_size * 2
+    if len(digest) != expected_len:
+        raise ValueError(
+            f"checksum {checksum!r}: an {algorithm} digest has {expected_len} hex digits, "
+            f"this one has {len(digest)}"
+        )
+    return algorithm, digest
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+def verify_checksum(path: Path, checksum: str) -> bool:
+    """True when ``path``'s digest equals ``checksum`` (``"<algorithm>:<hex>"``)."""
+    algorithm, expected = parse_checksum(checksum)
+    return file_digest(path, algorithm) == expected
+
+
+def _stream_to(response: http.client.HTTPResponse, part: Path, url: str) -> None:
+    """Copy a response body to ``part``; raise ``IncompleteRead`` on a short body."""
+    length_header = response.headers.get("Content-Length")
+    expected = int(length_header) if length_header is not None else None
+    received = 0
+    with (
+        open(part, "wb") as out,
+        tqdm(
+            total=expected,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"download {Path(part).name.removesuffix('.part')}",
+            mininterval=1.0,
+        ) as bar,
+    ):
+        while chunk := response.read(CHUNK_BYTES):
+            out.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    if expected is not None and received != expected:
+        raise http.client.IncompleteRead(b"", expected - received)
+
+
+def download_file(
+    url: str,
+    dest: Path | str,
+    checksum: str,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+    backoff: float = 2.0,
+) -> Path:
+    """Download ``url`` to ``dest`` and verify it against ``checksum``.
+
+    An existing ``dest`` with the right digest is kept (no network access), so an
+    archive copied in by hand is used as is. Transient failures (connection errors,
+    timeouts, HTTP 408/429/5xx, a body shorter than its ``Content-Length``) are retried
+    ``retries`` times with exponential ``backoff`` seconds. Nothing but a verified file
+    is ever left at ``dest``; the partial ``<dest>.part`` is removed on any failure.
+
+    Raises:
+        ChecksumError: the downloaded bytes do not match ``checksum``.
+        DownloadError: HTTP error, unreachable host, or every attempt truncated.
+    """
+    dest = Path(dest)
+    algorithm, expected = parse_checksum(checksum)
+    if dest.exists():
+        actual = file_digest(dest, algorithm)
+        if actual == expected:
+            log.info("%s already present with the expected %s digest", dest, algorithm)
+            return dest
+        log.warning(
+            "%s exists but its %s digest is %s, not %s: removing it and downloading again",
+            dest,
+            algorithm,
+            actual,
+            expected,
+        )
+        dest.unlink()
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    request = urllib.request.Request(url, headers={"User-Agent": "neural-kernels"})
+    last_problem = "no attempt made"
+    try:
+        for attempt in range(1, retries + 2):
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    _stream_to(response, part, url)
+                break
+            except urllib.error.HTTPError as error:
+                if error.code not in TRANSIENT_HTTP_CODES:
+                    raise DownloadError(
+                        f"HTTP {error.code} ({error.reason}) for {url}: the address is "
+                        f"wrong or the file moved. Fix the dataset's 'url' in the config, "
+                        f"or put a copy of the archive at {dest} and rerun."
+                    ) from None
+                last_problem = f"HTTP {error.code} ({error.reason})"
+            except http.client.IncompleteRead as error:
+                last_problem = f"transfer cut short ({error.expected} bytes missing)"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+                reason = getattr(error, "reason", error)
+                last_problem = f"network error: {reason}"
+            if attempt <= retries:
+                wait = backoff * 2 ** (attempt - 1)
+                log.warning(
+                    "attempt %d/%d for %s failed (%s); retrying in %.1f s",
+                    attempt,
+                    retries + 1,
+                    url,
+                    last_problem,
+                    wait,
+                )
+                time.sleep(wait)
+        else:
+            raise DownloadError(
+                f"could not download {url} to {dest} after {retries + 1} attempts; last "
+                f"problem: {last_problem}. Check the network (or the 'url' in the config) "
+                f"and rerun, or put a copy of the archive at {dest}."
+            )
+
+        actual = file_digest(part, algorithm)
+        if actual != expected:
+            raise ChecksumError(
+                f"checksum mismatch for {dest} downloaded from {url}: expected {algorithm} "
+                f"{expected}, got {actual} ({part.stat().st_size} bytes). The file was "
+                f"removed. Rerun to download it again; if the archive was replaced "
+                f"upstream, set the dataset's 'checksum' in the config."
+            )
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    log.info("downloaded %s (%s %s)", dest, algorithm, expected)
+    return dest

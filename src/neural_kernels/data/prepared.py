@@ -1,0 +1,295 @@
+"""The prepared-dataset format, and the steps that write it.
+
+A prepared dataset is a directory (``results/data/<name>/``) of plain ``.npy`` files
+that ``numpy.load(..., mmap_mode="r")`` memory-maps::
+
+    train_images.npy   (N_train, H, W, C) uint8      train_labels.npy  (N_train,) int64
+    val_images.npy     (N_val,   H, W, C) uint8      val_labels.npy    (N_val,)   int64
+    test_images.npy    (N_test,  H, W, C) uint8      test_labels.npy   (N_test,)  int64
+    meta.json          classes, split sizes and class counts, source, checksum, seeds
+
+``val`` is carved from the training data with a seed (never from the test data);
+``test`` is the official test split where the source has one, otherwise a seeded,
+class-stratified hold-out. ``meta.json`` is written last: a directory without it is
+incomplete. A class-balanced subset (``subsets/n<size>-seed<seed>/``) holds
+``train_images.npy``, ``train_labels.npy``, ``train_indices.npy`` (rows of the parent's
+train split) and its own ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from neural_kernels import __version__
+from neural_kernels.data import readers
+from neural_kernels.data.download import verify_checksum
+from neural_kernels.data.readers import LabelledImages, RawDataset
+from neural_kernels.data.sources import ARCHIVES, SOURCE_NAMES
+from neural_kernels.data.splits import balanced_subset, stratified_holdout
+from neural_kernels.errors import ChecksumError, DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "neural_kernels.prepared/1"
+SPLITS = ("train", "val", "test")
+META = "meta.json"
+COPY_CHUNK = 4096
+
+
+def split_files(split: str) -> tuple[str, str]:
+    """File names of a split's images and labels inside a prepared directory."""
+    return f"{split}_images.npy", f"{split}_labels.npy"
+
+
+def prepared_files() -> list[str]:
+    """Every file a prepared dataset directory holds, ``meta.json`` last."""
+    return [name for split in SPLITS for name in split_files(split)] + [META]
+
+
+def subset_files() -> list[str]:
+    """Every file a subset directory holds, ``meta.json`` last."""
+    return [*split_files("train"), "train_indices.npy", META]
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a scratch directory beside ``out_dir``; on success move its files in.
+
+    Files are moved with ``os.replace`` (atomic per file) and ``meta.json`` last, so
+    a reader that sees ``meta.json`` sees a complete directory. On any error the
+    scratch directory is removed and ``out_dir`` is left as it was.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield stage
+        (out_dir / META).unlink(missing_ok=True)
+        names = sorted(p.name for p in stage.iterdir() if p.is_file())
+        for name in sorted(names, key=lambda n: n == META):
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_rows(path: Path, source: NDArray, rows: NDArray[np.int64]) -> None:
+    """Write ``source[rows]`` to a ``.npy`` in chunks (``source`` may be a memmap)."""
+    out = np.lib.format.open_memmap(
+        path, mode="w+", dtype=source.dtype, shape=(len(rows), *source.shape[1:])
+    )
+    for start in range(0, len(rows), COPY_CHUNK):
+        out[start : start + COPY_CHUNK] = source[rows[start : start + COPY_CHUNK]]
+    out.flush()
+    del out
+
+
+def _write_split(stage: Path, split: str, data: LabelledImages, rows: NDArray[np.int64]) -> None:
+    """Write ``data[rows]`` (in the order of ``rows``) as ``<split>_{images,labels}.npy``."""
+    image_file, label_file = split_files(split)
+    _write_rows(stage / image_file, data.images, rows)
+    np.save(stage / label_file, data.labels[rows])
+
+
+def class_counts(labels: NDArray[np.integer], num_classes: int) -> list[int]:
+    """How many labels fall in each class id ``0..num_classes-1``."""
+    return np.bincount(labels, minlength=num_classes).tolist()
+
+
+def carve_splits(
+    raw: RawDataset, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, tuple[LabelledImages, NDArray[np.int64]]]:
+    """Map each of train/val/test to (source split, row indices into it).
+
+    Test is the official test split if there is one, else a stratified
+    ``test_fraction`` of everything; val is a stratified ``val_fraction`` of what
+    remains for training. Both hold-outs use ``seed``.
+    """
+    if "test" in raw.splits:
+        pool, test = raw.splits["train"], raw.splits["test"]
+        test_rows = np.arange(len(test.labels), dtype=np.int64)
+        pool_rows = np.arange(len(pool.labels), dtype=np.int64)
+    else:
+        pool = test = raw.splits["all"]
+        pool_rows, test_rows = stratified_holdout(pool.labels, test_fraction, seed)
+    kept, held = stratified_holdout(pool.labels[pool_rows], val_fraction, seed)
+    return {
+        "train": (pool, pool_rows[kept]),
+        "val": (pool, pool_rows[held]),
+        "test": (test, test_rows),
+    }
+
+
+def check_archive(archive: Path, checksum: str | None) -> None:
+    """Fail clearly when an archive is missing or (with ``checksum``) not the right file."""
+    if not archive.is_file():
+        raise DataError(
+            f"{archive} does not exist: download it first (`neural-kernels download`, or "
+            f"the Snakemake rule download_archive) or fix --archive"
+        )
+    if checksum is not None and not verify_checksum(archive, checksum):
+        raise ChecksumError(
+            f"{archive} does not match {checksum}: it is truncated or not the expected "
+            f"archive. Delete it and rerun to download it again."
+        )
+
+
+def read_source(
+    source: str,
+    scratch: Path,
+    *,
+    archive: Path | None = None,
+    npz: Path | None = None,
+    image_size: int = 224,
+) -> RawDataset:
+    """Read one source's native layout (see :mod:`neural_kernels.data.readers`)."""
+    if source in ARCHIVES and archive is None:
+        raise DataError(
+            f"source {source!r} needs --archive (the downloaded {ARCHIVES[source].filename})"
+        )
+    if source == "digits":
+        return readers.read_digits()
+    if source == "cifar10":
+        return readers.read_cifar10(archive)
+    if source == "tiny_imagenet":
+        return readers.read_tiny_imagenet(archive, scratch)
+    if source == "imagenet_r":
+        return readers.read_imagenet_r(archive, image_size, scratch)
+    if source == "custom":
+        if npz is None:
+            raise DataError("source 'custom' needs --npz (your images and labels)")
+        return readers.read_custom(npz)
+    raise DataError(f"unknown source {source!r}; choose one of {', '.join(SOURCE_NAMES)}")
+
+
+def prepare_dataset(
+    source: str,
+    out_dir: Path | str,
+    *,
+    archive: Path | None = None,
+    npz: Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    image_size: int = 224,
+    checksum: str | None = None,
+) -> dict:
+    """Convert a source into a prepared dataset directory (see the module docstring).
+
+    ``test_fraction`` is used only by sources without an official test split
+    (digits, imagenet_r, a custom ``.npz`` without ``test_images``). Returns the
+    metadata written to ``meta.json``.
+    """
+    out_dir = Path(out_dir)
+    if archive is not None:
+        check_archive(Path(archive), checksum)
+    with staged_directory(out_dir) as stage:
+        scratch = stage / "scratch"
+        scratch.mkdir()
+        raw = read_source(source, scratch, archive=archive, npz=npz, image_size=image_size)
+        carved = carve_splits(raw, val_fraction, test_fraction, seed)
+        num_classes = len(raw.classes)
+        meta = {
+            "format": FORMAT,
+            "source": source,
+            "classes": raw.classes,
+            "num_classes": num_classes,
+            "image_shape": list(next(iter(raw.splits.values())).images.shape[1:]),
+            "splits": {},
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction if "test" not in raw.splits else None,
+            "official_test_split": "test" in raw.splits,
+            "seed": seed,
+            "archive": str(archive) if archive else None,
+            "npz": str(npz) if npz else None,
+            "checksum": checksum,
+            "image_size": image_size if source == "imagenet_r" else None,
+            "neural_kernels_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **raw.extra,
+        }
+        for split, (data, rows) in carved.items():
+            _write_split(stage, split, data, rows)
+            meta["splits"][split] = {
+                "size": len(rows),
+                "class_counts": class_counts(data.labels[rows], num_classes),
+            }
+            log.info("%s: %d images", split, len(rows))
+        shutil.rmtree(scratch)
+        (stage / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_meta(data_dir: Path | str) -> dict:
+    """The ``meta.json`` of a prepared dataset or subset directory."""
+    path = Path(data_dir) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} is missing: {data_dir} is not a (complete) prepared dataset. "
+            f"Run `neural-kernels prepare` or the Snakemake target for it."
+        ) from None
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path} is not valid JSON ({error}); delete the directory and prepare again"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_split(data_dir: Path | str, split: str, mmap: bool = True) -> LabelledImages:
+    """Images and labels of one split; images memory-mapped read-only when ``mmap``."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    data_dir = Path(data_dir)
+    load_meta(data_dir)
+    image_file, label_file = split_files(split)
+    images = np.load(data_dir / image_file, mmap_mode="r" if mmap else None)
+    labels = np.load(data_dir / label_file)
+    return LabelledImages(images, labels)
+
+
+def write_subset(data_dir: Path | str, size: int, seed: int, out_dir: Path | str) -> dict:
+    """Write a class-balanced random subset of ``size`` training images (seeded)."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    parent = load_meta(data_dir)
+    train = load_split(data_dir, "train")
+    if size > len(train.labels):
+        raise DataError(
+            f"a subset of {size} images is larger than the {len(train.labels)} training "
+            f"images of {data_dir}"
+        )
+    rows = balanced_subset(train.labels, size, seed)
+    with staged_directory(out_dir) as stage:
+        _write_split(stage, "train", train, rows)
+        np.save(stage / "train_indices.npy", rows)
+        meta = {
+            "format": FORMAT,
+            "parent": str(data_dir),
+            "size": size,
+            "seed": seed,
+            "classes": parent["classes"],
+            "num_classes": parent["num_classes"],
+            "image_shape": parent["image_shape"],
+            "splits": {
+                "train": {
+                    "size": size,
+                    "class_counts": class_counts(train.labels[rows], parent["num_classes"]),
+                }
+            },
+            "neural_kernels_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        (stage / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

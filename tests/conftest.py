@@ -1,0 +1,78 @@
+"""Shared fixtures: a loopback HTTP server that behaves like the archive hosts."""
+
+from __future__ import annotations
+
+import collections
+import http.server
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class ArchiveServer:
+    """Serves files from ``root`` on 127.0.0.1, with misbehaving routes for tests.
+
+    * ``/files/<name>``: the file, with a correct Content-Length;
+    * ``/cut/<name>``: announces the full length, sends half, closes (a cut transfer);
+    * ``/flaky/<k>/<name>``: HTTP 503 for the first ``k`` requests, then the file;
+    * anything else, or a missing file: HTTP 404.
+    """
+
+    root: Path
+    port: int = 0
+    hits: collections.Counter = field(default_factory=collections.Counter)
+
+    def url(self, name: str, route: str = "files") -> str:
+        return f"http://127.0.0.1:{self.port}/{route}/{name}"
+
+
+def _handler(server: ArchiveServer) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep pytest output clean
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 -- the http.server API
+            server.hits[self.path] += 1
+            match = re.fullmatch(r"/(files|cut|flaky/(\d+))/([^/]+)", self.path)
+            path = server.root / match.group(3) if match else None
+            if path is None or not path.is_file():
+                self.send_error(404, "Not Found")
+                return
+            payload = path.read_bytes()
+            if match.group(2) and server.hits[self.path] <= int(match.group(2)):
+                self.send_error(503, "Service Unavailable")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if match.group(1) == "cut":
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+            else:
+                self.wfile.write(payload)
+
+    return Handler
+
+
+@pytest.fixture
+def archive_server(tmp_path: Path) -> Iterator[ArchiveServer]:
+    """A started :class:`ArchiveServer` serving ``tmp_path / "served"``."""
+    root = tmp_path / "served"
+    root.mkdir()
+    state = ArchiveServer(root)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1,0 +1,172 @@
+"""The Snakemake workflow: lint, schema, dry run, and real runs on small data."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
+from neural_kernels.data import load_meta
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir, capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow (Snakefile, workflow/, config/) to run in isolation."""
+    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
+    shutil.copytree(REPO / "workflow", tmp_path / "workflow")
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    return tmp_path
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_lint_is_clean():
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_snakefmt_is_clean():
+    result = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dry_run_resolves_default_dag(workdir):
+    result = snakemake(workdir, "-n")
+    assert result.returncode == 0, result.stderr
+    for rule in ("prepare_dataset", "subset", "all"):
+        assert f"rule {rule}:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        ({"datasets": {"digits": {"source": "digits", "val_fracton": 0.1}}}, "val_fracton"),
+        ({"datasets": {"digits": {"source": "digits", "seed": "zero"}}}, "seed"),
+        ({"datasets": {"digits": {"source": "digits", "val_fraction": 1.5}}}, "val_fraction"),
+        ({"datasets": {"x": {"source": "mnist"}}}, "source"),
+        ({"datasets": {"x": {"source": "custom"}}}, "path"),
+        ({"datasets": {"x": {"source": "cifar10", "checksum": "md5:123"}}}, "checksum"),
+        ({"downloads": {"retries": 2}}, "downloads"),
+        ({"download": {"retries": -1}}, "retries"),
+        ({"datasets": {"Bad-Name": {"source": "digits"}}}, "Bad-Name"),
+    ],
+)
+def test_schema_rejects_bad_config_naming_the_key(workdir, config, names):
+    bad = write_config(workdir / "bad.yaml", config)
+    result = snakemake(workdir, "-n", "--configfile", str(bad))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Error validating config" in output
+    assert names in output
+    assert not (workdir / "results").exists()
+
+
+def test_default_run_prepares_digits(workdir):
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr
+    meta = load_meta(workdir / "results/data/digits")
+    assert meta["num_classes"] == 10 and meta["splits"]["test"]["size"] == 360
+    for seed in (0, 1, 2):
+        sub = workdir / f"results/data/digits/subsets/n200-seed{seed}"
+        assert load_meta(sub)["splits"]["train"]["class_counts"] == [20] * 10
+        assert (workdir / f"results/logs/subset/digits/n200-seed{seed}.log").exists()
+        assert (workdir / f"results/benchmarks/subset/digits/n200-seed{seed}.tsv").exists()
+    assert (workdir / "results/benchmarks/prepare_dataset/digits.tsv").exists()
+    again = snakemake(workdir, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def md5_of(path: Path) -> str:
+    return "md5:" + hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_every_source_kind_end_to_end_over_loopback(workdir, archive_server):
+    served = archive_server.root
+    make_cifar10(served / "cifar-10-python.tar.gz")
+    make_tiny_imagenet(served / "tiny-imagenet-200.zip")
+    make_imagenet_r(served / "imagenet-r.tar")
+    npz = workdir / "mine.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, images=rng.integers(0, 256, (60, 6, 6, 3), np.uint8), labels=np.arange(60) % 3)
+
+    def archive(source, name, **extra):
+        return {
+            "source": source,
+            "url": archive_server.url(name),
+            "checksum": md5_of(served / name),
+            **extra,
+        }
+
+    config = {
+        "datasets": {
+            "cifar10": archive(
+                "cifar10", "cifar-10-python.tar.gz", subsets={"sizes": [20], "seeds": [0]}
+            ),
+            "tiny_imagenet": archive("tiny_imagenet", "tiny-imagenet-200.zip", val_fraction=0.25),
+            "imagenet_r": archive("imagenet_r", "imagenet-r.tar", image_size=24, test_fraction=0.1),
+            "mine": {"source": "custom", "path": str(npz)},
+        }
+    }  # fmt: skip
+    result = snakemake(
+        workdir, "data", "--configfile", str(write_config(workdir / "mini.yaml", config))
+    )
+    assert result.returncode == 0, result.stderr
+    assert load_meta(workdir / "results/data/cifar10")["splits"]["test"]["size"] == 30
+    assert load_meta(workdir / "results/data/tiny_imagenet")["image_shape"] == [64, 64, 3]
+    assert load_meta(workdir / "results/data/imagenet_r")["image_shape"] == [24, 24, 3]
+    assert load_meta(workdir / "results/data/mine")["splits"]["test"]["size"] == 12
+    assert (
+        load_meta(workdir / "results/data/cifar10/subsets/n20-seed0")["splits"]["train"]["size"]
+        == 20
+    )
+    assert (workdir / "resources/cifar10/cifar-10-python.tar.gz").exists()
+    assert (workdir / "results/logs/download_archive/cifar10/cifar-10-python.tar.gz.log").exists()
+
+
+def test_checksum_mismatch_in_workflow_fails_cleanly(workdir, archive_server):
+    make_cifar10(archive_server.root / "cifar-10-python.tar.gz")
+    config = {
+        "datasets": {
+            "cifar10": {
+                "source": "cifar10",
+                "url": archive_server.url("cifar-10-python.tar.gz"),
+                "checksum": "md5:" + "0" * 32,
+            }
+        },
+        "download": {"retries": 0},
+    }
+    result = snakemake(
+        workdir, "data", "--configfile", str(write_config(workdir / "bad.yaml", config))
+    )
+    assert result.returncode != 0
+    log = (workdir / "results/logs/download_archive/cifar10/cifar-10-python.tar.gz.log").read_text()
+    assert "error: checksum mismatch" in log and "cifar-10-python.tar.gz" in log
+    assert [p for p in workdir.glob("resources/**/*") if p.is_file()] == []
+    assert not (workdir / "results/data/cifar10").exists()
