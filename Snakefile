@@ -1,6 +1,7 @@
 # The thesis reproduction as one DAG. Targets:
 #   all   -- everything the config asks for (default)
 #   data  -- prepared datasets and their subsets only
+#   zca   -- ZCA-whitened splits of every dataset
 # See README.md for the config files and the output layout.
 
 from snakemake.utils import min_version
@@ -13,14 +14,21 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/zca.smk"
 
 
 rule all:
     default_target: True
     input:
         data_targets(),
+        zca_targets(),
 
 
 rule data:
     input:
         data_targets(),
+
+
+rule zca:
+    input:
+        zca_targets(),

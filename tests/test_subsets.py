@@ -94,7 +94,7 @@ def test_cli_prepare_and_subset(tmp_path):
     assert result.returncode == 1 and "needs --archive" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["sources", "download", "prepare", "subset"])
+@pytest.mark.parametrize("command", ["sources", "download", "prepare", "subset", "zca"])
 def test_every_subcommand_documents_itself(command):
     result = subprocess.run(
         [sys.executable, "-m", "neural_kernels", command, "--help"],

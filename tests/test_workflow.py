@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_snakefmt_is_clean():
 def test_dry_run_resolves_default_dag(workdir):
     result = snakemake(workdir, "-n")
     assert result.returncode == 0, result.stderr
-    for rule in ("prepare_dataset", "subset", "all"):
+    for rule in ("prepare_dataset", "subset", "zca_whiten", "all"):
         assert f"rule {rule}:" in result.stdout
 
 
@@ -76,6 +77,9 @@ def test_dry_run_resolves_default_dag(workdir):
         ({"downloads": {"retries": 2}}, "downloads"),
         ({"download": {"retries": -1}}, "retries"),
         ({"datasets": {"Bad-Name": {"source": "digits"}}}, "Bad-Name"),
+        ({"datasets": {"d": {"source": "digits"}}, "zca": {"variant": "pca"}}, "variant"),
+        ({"datasets": {"d": {"source": "digits", "zca": {"rnak": 3}}}}, "rnak"),
+        ({"datasets": {"d": {"source": "digits"}}, "zca": {"device": "tpu"}}, "device"),
     ],
 )
 def test_schema_rejects_bad_config_naming_the_key(workdir, config, names):
@@ -88,7 +92,7 @@ def test_schema_rejects_bad_config_naming_the_key(workdir, config, names):
     assert not (workdir / "results").exists()
 
 
-def test_default_run_prepares_digits(workdir):
+def test_default_run_prepares_and_whitens_digits(workdir):
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr
     meta = load_meta(workdir / "results/data/digits")
@@ -99,6 +103,12 @@ def test_default_run_prepares_digits(workdir):
         assert (workdir / f"results/logs/subset/digits/n200-seed{seed}.log").exists()
         assert (workdir / f"results/benchmarks/subset/digits/n200-seed{seed}.tsv").exists()
     assert (workdir / "results/benchmarks/prepare_dataset/digits.tsv").exists()
+    zca = json.loads((workdir / "results/zca/digits/zca.json").read_text())
+    assert zca["variant"] == "thesis" and zca["solver"] == "exact" and zca["device"] == "cpu"
+    for split, size in (("train", 1293), ("val", 144), ("test", 360)):
+        white = np.load(workdir / f"results/zca/digits/{split}_images.npy", mmap_mode="r")
+        assert white.shape == (size, 8, 8, 1) and white.dtype == np.float32
+    assert (workdir / "results/benchmarks/zca_whiten/digits.tsv").exists()
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 

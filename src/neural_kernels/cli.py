@@ -18,6 +18,8 @@ from neural_kernels import __version__
 from neural_kernels.errors import NeuralKernelsError
 
 Handler = Callable[[argparse.Namespace], object]
+#: The ``eps`` each ZCA variant uses unless told otherwise (see neural_kernels.zca).
+DEFAULT_EPS = {"thesis": 0.1, "shankar": 1e-5}
 
 
 def _fraction(text: str) -> float:
@@ -73,6 +75,33 @@ def _cmd_subset(args: argparse.Namespace) -> object:
     return meta["splits"]["train"]
 
 
+def _cmd_zca(args: argparse.Namespace) -> object:
+    from neural_kernels.zca import whiten_files
+
+    fit_options = {}
+    if args.transform is None:
+        fit_options = {
+            "variant": args.variant,
+            "solver": args.solver,
+            "rank": args.rank,
+            "eps": args.eps if args.eps is not None else DEFAULT_EPS[args.variant],
+            "oversample": args.oversample,
+            "power_iters": args.power_iters,
+            "flips": args.flips,
+            "seed": args.seed,
+        }
+    record = whiten_files(
+        args.images,
+        args.out_dir,
+        transform_path=args.transform,
+        device=args.device,
+        dtype=args.dtype,
+        block_rows=args.block_rows,
+        **fit_options,
+    )
+    return {key: record[key] for key in ("variant", "solver", "rank", "device", "fit_seconds")}
+
+
 def _cmd_sources(args: argparse.Namespace) -> object:
     from neural_kernels.data.sources import ARCHIVES
 
@@ -115,9 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", help="address to fetch (http, https or file); overrides --source's")
     p.add_argument("--checksum", help="'<md5|sha256|...>:<hex>'; overrides --source's")
-    p.add_argument(
-        "--out", required=True, help="destination file, or directory (ends with /)"
-    )
+    p.add_argument("--out", required=True, help="destination file, or directory (ends with /)")
     p.add_argument(
         "--retries", type=int, default=3, help="extra attempts on transient failures (default 3)"
     )
@@ -178,6 +205,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=_cmd_subset)
+
+    p = sub.add_parser(
+        "zca",
+        help="fit ZCA whitening on images and apply it (exact or randomized SVD)",
+        description=(
+            "Fit ZCA whitening on the first IMAGES file (N, H, W, C; uint8 pixels are "
+            "scaled to [0, 1]) and apply it to every IMAGES file. Writes OUT_DIR/<file "
+            "name> (float32, same shape) for each, OUT_DIR/transform.npz (re-apply it "
+            "with --transform) and OUT_DIR/zca.json (settings, timings, device). "
+            "Variants: 'thesis' = (x - mean) V diag(sqrt(N-1)/(D+eps)) V^T; 'shankar' "
+            "= per-image centring and unit norm, then x (C + eps I)^(-1/2)."
+        ),
+    )
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGES", help=".npy image arrays")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument(
+        "--transform", type=Path, help="apply this saved transform.npz instead of fitting"
+    )
+    p.add_argument("--variant", choices=("thesis", "shankar"), default="thesis")
+    p.add_argument(
+        "--solver",
+        choices=("exact", "randomized", "auto"),
+        default="auto",
+        help="auto: exact up to 4096 features, randomized above (default auto)",
+    )
+    p.add_argument(
+        "--rank", type=_positive_int, help="k components (default min(N, P); randomized: needed)"
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        help="thesis: added to singular values (default 0.1); shankar: eigenvalue bias "
+        "(default 1e-5)",
+    )
+    p.add_argument("--oversample", type=int, default=10, help="randomized: extra columns")
+    p.add_argument("--power-iters", type=int, default=4, help="randomized: power iterations")
+    p.add_argument(
+        "--flips", action="store_true", help="fit on the images and their horizontal flips"
+    )
+    p.add_argument("--seed", type=int, default=0, help="randomized: seed of the test matrix")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--block-rows", type=_positive_int, help="rows per streamed block")
+    p.set_defaults(handler=_cmd_zca)
     return parser
 
 

@@ -5,7 +5,7 @@ import os
 
 from snakemake.utils import validate
 
-from neural_kernels.data.prepared import prepared_files, subset_files
+from neural_kernels.data.prepared import SPLITS, prepared_files, subset_files
 from neural_kernels.data.sources import ARCHIVES
 
 validate(config, "../schemas/config.schema.yaml")
@@ -87,6 +87,36 @@ def subset_dirs(name):
         for size in cfg["sizes"]
         for seed in cfg["seeds"]
     ]
+
+
+def zca_settings(name):
+    """The global 'zca' settings with the dataset's own 'zca' entry laid over them."""
+    return {**config["zca"], **DATASETS[name].get("zca", {})}
+
+
+def zca_args(wildcards):
+    """Command-line options of `neural-kernels zca` for one dataset."""
+    cfg = zca_settings(wildcards.dataset)
+    args = [
+        f"--variant {cfg['variant']}",
+        f"--solver {cfg['solver']}",
+        f"--oversample {cfg['oversample']}",
+        f"--power-iters {cfg['power_iters']}",
+        f"--seed {cfg['seed']}",
+        f"--device {cfg['device']}",
+        f"--dtype {cfg['dtype']}",
+    ]
+    if cfg["rank"] is not None:
+        args.append(f"--rank {cfg['rank']}")
+    if cfg["eps"] is not None:
+        args.append(f"--eps {cfg['eps']}")
+    if cfg["flips"]:
+        args.append("--flips")
+    return " ".join(args)
+
+
+def zca_targets():
+    return [f"results/zca/{name}/zca.json" for name in DATASETS]
 
 
 def data_targets():

@@ -18,13 +18,9 @@ train split) and its own ``meta.json``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,6 +34,7 @@ from neural_kernels.data.readers import LabelledImages, RawDataset
 from neural_kernels.data.sources import ARCHIVES, SOURCE_NAMES
 from neural_kernels.data.splits import balanced_subset, stratified_holdout
 from neural_kernels.errors import ChecksumError, DataError
+from neural_kernels.outputs import staged_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +57,6 @@ def prepared_files() -> list[str]:
 def subset_files() -> list[str]:
     """Every file a subset directory holds, ``meta.json`` last."""
     return [*split_files("train"), "train_indices.npy", META]
-
-
-@contextlib.contextmanager
-def staged_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a scratch directory beside ``out_dir``; on success move its files in.
-
-    Files are moved with ``os.replace`` (atomic per file) and ``meta.json`` last, so
-    a reader that sees ``meta.json`` sees a complete directory. On any error the
-    scratch directory is removed and ``out_dir`` is left as it was.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield stage
-        (out_dir / META).unlink(missing_ok=True)
-        names = sorted(p.name for p in stage.iterdir() if p.is_file())
-        for name in sorted(names, key=lambda n: n == META):
-            os.replace(stage / name, out_dir / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_rows(path: Path, source: NDArray, rows: NDArray[np.int64]) -> None:
@@ -192,7 +169,7 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     if archive is not None:
         check_archive(Path(archive), checksum)
-    with staged_directory(out_dir) as stage:
+    with staged_directory(out_dir, last=META) as stage:
         scratch = stage / "scratch"
         scratch.mkdir()
         raw = read_source(source, scratch, archive=archive, npz=npz, image_size=image_size)
@@ -225,7 +202,7 @@ def prepare_dataset(
             }
             log.info("%s: %d images", split, len(rows))
         shutil.rmtree(scratch)
-        (stage / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(stage / META, meta)
     return meta
 
 
@@ -271,7 +248,7 @@ def write_subset(data_dir: Path | str, size: int, seed: int, out_dir: Path | str
             f"images of {data_dir}"
         )
     rows = balanced_subset(train.labels, size, seed)
-    with staged_directory(out_dir) as stage:
+    with staged_directory(out_dir, last=META) as stage:
         _write_split(stage, "train", train, rows)
         np.save(stage / "train_indices.npy", rows)
         meta = {
@@ -291,5 +268,5 @@ def write_subset(data_dir: Path | str, size: int, seed: int, out_dir: Path | str
             "neural_kernels_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        (stage / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(stage / META, meta)
     return meta

@@ -1,0 +1,415 @@
+"""ZCA whitening, exact or by randomized SVD, streamed in row blocks (CPU or GPU).
+
+Let ``X`` be the ``N x P`` matrix of flattened training images (uint8 pixels are
+scaled to [0, 1]; float images are used as given), centred by its feature mean
+``mu``, with thin SVD ``X - 1 mu^T = U D V^T``. Two variants are provided:
+
+* ``thesis`` (the thesis, slide "ZCA"): ``zca(x) = (x - mu) V diag(sqrt(N-1) / (D + eps)) V^T``.
+  With rank ``k < P`` this projects onto the top-``k`` principal subspace.
+* ``shankar`` (Shankar et al. 2020, reference code of "Neural Kernels Without
+  Tangents"): every image is first centred over its own pixels and scaled to unit L2
+  norm; then, with ``C = X^T X / N`` (no feature centring) and eigenvalue bias
+  ``eps`` (1e-5 for CIFAR-10), ``zca(x) = x (C + eps I)^{-1/2}``. With rank ``k`` the
+  covariance is replaced by its best rank-``k`` approximation ``V diag(D^2/N) V^T``,
+  so ``zca(x) = x V diag((D^2/N + eps)^{-1/2}) V^T + eps^{-1/2} (x - x V V^T)``.
+
+Solvers: ``exact`` accumulates the ``P x P`` covariance and eigendecomposes it
+(``O(N P^2 + P^3)``, float64); ``randomized`` is the Halko-Martinsson-Tropp range
+finder with ``q`` power iterations (``O(N P l q)`` with ``l = k + oversample``) and never
+forms a ``P x P`` matrix. Both stream ``X`` in row blocks, so ``X`` may be a memory-map
+larger than device memory; with ``flips`` each block is followed by its horizontally
+flipped copy, so the fit sees ``2N`` images.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm.auto import tqdm
+
+from neural_kernels.device import (
+    device_name,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_device,
+    resolve_dtype,
+)
+from neural_kernels.errors import DataError, NeuralKernelsError
+from neural_kernels.outputs import staged_directory, write_json
+
+VARIANTS = ("thesis", "shankar")
+SOLVERS = ("exact", "randomized", "auto")
+#: ``solver="auto"`` uses the exact eigendecomposition up to this many features
+#: (a 4096 x 4096 float64 covariance is 128 MiB) and the randomized SVD above.
+AUTO_EXACT_MAX_FEATURES = 4096
+#: Default row-block size targets blocks of about this many bytes (float32).
+BLOCK_BYTES = 1 << 28
+
+
+@dataclass
+class ZCATransform:
+    """A fitted whitening map ``x -> (x' - mean) V diag(scales) V^T + c (residual)``.
+
+    ``x'`` is the flattened image after the variant's per-image step, ``V`` is
+    ``components`` (``P x k``, orthonormal columns) and ``c`` is ``complement_scale``
+    applied to the part of ``x' - mean`` orthogonal to ``V`` (0: projected out).
+    """
+
+    variant: str
+    solver: str
+    eps: float
+    image_shape: tuple[int, int, int]
+    n_samples: int
+    mean: NDArray[np.float64]
+    components: NDArray[np.float64]
+    singular_values: NDArray[np.float64]
+    scales: NDArray[np.float64]
+    complement_scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.components.shape[1]
+
+    def save(self, path: Path | str) -> None:
+        """Write the transform as an ``.npz`` that :meth:`load` reads back."""
+        fields = asdict(self)
+        fields["image_shape"] = np.asarray(self.image_shape)
+        with open(path, "wb") as handle:
+            np.savez(handle, **fields)
+
+    @classmethod
+    def load(cls, path: Path | str) -> ZCATransform:
+        """Read a transform written by :meth:`save`."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls(
+                    variant=str(data["variant"]),
+                    solver=str(data["solver"]),
+                    eps=float(data["eps"]),
+                    image_shape=tuple(int(v) for v in data["image_shape"]),
+                    n_samples=int(data["n_samples"]),
+                    mean=data["mean"],
+                    components=data["components"],
+                    singular_values=data["singular_values"],
+                    scales=data["scales"],
+                    complement_scale=float(data["complement_scale"]),
+                )
+        except (OSError, KeyError, ValueError) as error:
+            raise DataError(f"{path} is not a ZCA transform written by zca ({error})") from None
+
+
+def default_block_rows(n_features: int) -> int:
+    """Rows per block so that one float32 block is about 256 MiB."""
+    return max(1, BLOCK_BYTES // (4 * n_features))
+
+
+def _check_images(images: NDArray, name: str) -> tuple[int, int, int]:
+    if images.ndim != 4:
+        raise DataError(f"{name}: expected images (N, H, W, C), got shape {images.shape}")
+    if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"{name}: expected uint8 or float images, got dtype {images.dtype}")
+    return tuple(int(v) for v in images.shape[1:])
+
+
+def per_image_rows(
+    block: NDArray, variant: str, device: torch.device, dtype: torch.dtype, name: str
+) -> torch.Tensor:
+    """Flatten a block of images to rows, scale uint8 to [0, 1], apply the variant's step.
+
+    ``shankar``: subtract each row's mean and divide by its L2 norm (an all-constant
+    image becomes all zeros). Raises on NaN or infinite values.
+    """
+    rows = torch.from_numpy(np.array(block)).to(device).reshape(len(block), -1)
+    scaled = rows.to(dtype) / 255.0 if rows.dtype == torch.uint8 else rows.to(dtype)
+    if not torch.isfinite(scaled).all():
+        raise DataError(f"{name}: images contain NaN or infinite values; clean them before ZCA")
+    if variant == "shankar":
+        scaled = scaled - scaled.mean(dim=1, keepdim=True)
+        norms = scaled.norm(dim=1, keepdim=True)
+        scaled = scaled / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return scaled
+
+
+def _row_blocks(images: NDArray, block_rows: int, flips: bool) -> Iterator[NDArray]:
+    """Consecutive row blocks of ``images``, each followed by its flip when ``flips``."""
+    for start in range(0, len(images), block_rows):
+        block = images[start : start + block_rows]
+        yield block
+        if flips:
+            yield block[:, :, ::-1]
+
+
+def _randomized_range(
+    times: Callable[[torch.Tensor], torch.Tensor],
+    t_times: Callable[[torch.Tensor], torch.Tensor],
+    omega: torch.Tensor,
+    power_iters: int,
+) -> torch.Tensor:
+    """Orthonormal ``Q`` with ``range(Q) ~ range(A)`` (Halko et al. 2011, Alg. 4.4).
+
+    ``times(M) = A M`` and ``t_times(M) = A^T M``; each power iteration
+    re-orthonormalises both products, which keeps small singular values accurate.
+    """
+    q = torch.linalg.qr(times(omega)).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(t_times(q)).Q
+        q = torch.linalg.qr(times(q)).Q
+    return q
+
+
+def zca_fit(
+    images: NDArray,
+    *,
+    variant: str = "thesis",
+    solver: str = "auto",
+    rank: int | None = None,
+    eps: float = 1e-1,
+    oversample: int = 10,
+    power_iters: int = 4,
+    flips: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    block_rows: int | None = None,
+    seed: int = 0,
+    name: str = "images",
+) -> ZCATransform:
+    """Fit ZCA whitening on ``images`` ``(N, H, W, C)`` (see the module docstring).
+
+    ``rank`` defaults to ``min(N, P)`` for the exact solver and is required for the
+    randomized one. ``dtype`` is the working precision of the block products; the
+    exact covariance and its eigendecomposition are always float64.
+    """
+    if variant not in VARIANTS:
+        raise NeuralKernelsError(f"unknown ZCA variant {variant!r}; choose one of {VARIANTS}")
+    if solver not in SOLVERS:
+        raise NeuralKernelsError(f"unknown ZCA solver {solver!r}; choose one of {SOLVERS}")
+    if eps <= 0:
+        raise NeuralKernelsError(f"eps must be positive, got {eps}")
+    image_shape = _check_images(images, name)
+    n = len(images) * (2 if flips else 1)
+    p = math.prod(image_shape)
+    if solver == "auto":
+        solver = "exact" if p <= AUTO_EXACT_MAX_FEATURES else "randomized"
+    if rank is None:
+        if solver == "randomized":
+            raise NeuralKernelsError(
+                f"the randomized solver needs a rank k (P = {p} features); set it, e.g. "
+                f"rank: {min(n, p, 1024)}"
+            )
+        rank = min(n, p)
+    if not 1 <= rank <= min(n, p):
+        raise NeuralKernelsError(
+            f"rank {rank} is not in 1..min(N, P) = {min(n, p)} for N = {n} images"
+            f"{' (flips double N)' if flips else ''} of P = {p} features; choose a rank "
+            f"<= {min(n, p)}"
+        )
+    device = torch.device(device)
+    block_rows = block_rows or default_block_rows(p)
+    n_blocks = math.ceil(len(images) / block_rows) * (2 if flips else 1)
+    passes = 1 if variant == "thesis" else 0  # the feature mean needs a pass
+    passes += 1 if solver == "exact" else 2 * power_iters + 2
+    bar = tqdm(total=passes * n_blocks, desc=f"zca fit ({solver})", unit="block", mininterval=1.0)
+
+    def raw_blocks() -> Iterator[torch.Tensor]:
+        for block in _row_blocks(images, block_rows, flips):
+            yield per_image_rows(block, variant, device, dtype, name)
+            bar.update()
+
+    if variant == "thesis":
+        total = torch.zeros(p, dtype=torch.float64, device=device)
+        for rows in raw_blocks():
+            total += rows.sum(dim=0, dtype=torch.float64)
+        mean = total / n
+    else:
+        mean = torch.zeros(p, dtype=torch.float64, device=device)
+    mean_w = mean.to(dtype)
+
+    def blocks() -> Iterator[torch.Tensor]:
+        for rows in raw_blocks():
+            yield rows - mean_w
+
+    if solver == "exact":
+        cov = torch.zeros(p, p, dtype=torch.float64, device=device)
+        for rows in blocks():
+            rows64 = rows.to(torch.float64)
+            cov.addmm_(rows64.T, rows64)
+        evals, evecs = torch.linalg.eigh(cov)
+        del cov
+        order = torch.argsort(evals, descending=True)[:rank]
+        singular = evals[order].clamp_min(0).sqrt()
+        components = evecs[:, order]
+    else:
+        width = min(rank + oversample, n, p)
+        generator = torch.Generator().manual_seed(seed)
+        omega = torch.randn(p, width, generator=generator, dtype=dtype).to(device)
+
+        def times(mat: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows @ mat for rows in blocks()])
+
+        def t_times(q: torch.Tensor) -> torch.Tensor:
+            acc = torch.zeros(p, q.shape[1], dtype=dtype, device=device)
+            start = 0
+            for rows in blocks():
+                acc.addmm_(rows.T, q[start : start + len(rows)])
+                start += len(rows)
+            return acc
+
+        q = _randomized_range(times, t_times, omega, power_iters)
+        # A^T Q = (Q^T A)^T = W S U_B^T, so A ~ Q Q^T A = (Q U_B) S W^T: V = W.
+        w, s, _ = torch.linalg.svd(t_times(q).to(torch.float64), full_matrices=False)
+        singular, components = s[:rank], w[:, :rank]
+    bar.close()
+
+    if variant == "thesis":
+        scales = math.sqrt(n - 1) / (singular + eps)
+        complement = 0.0
+    else:
+        scales = (singular**2 / n + eps).rsqrt()
+        complement = 0.0 if rank == p else eps**-0.5
+    return ZCATransform(
+        variant=variant,
+        solver=solver,
+        eps=float(eps),
+        image_shape=image_shape,
+        n_samples=n,
+        mean=mean.cpu().numpy(),
+        components=components.cpu().numpy(),
+        singular_values=singular.cpu().numpy(),
+        scales=scales.cpu().numpy(),
+        complement_scale=complement,
+    )
+
+
+def zca_apply(
+    transform: ZCATransform,
+    images: NDArray,
+    *,
+    out: NDArray[np.float32] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    block_rows: int | None = None,
+    name: str = "images",
+) -> NDArray[np.float32]:
+    """Whiten ``images`` ``(N, H, W, C)`` with a fitted transform, in row blocks.
+
+    Returns float32 images of the same shape, written into ``out`` (e.g. an
+    ``open_memmap``) when given.
+    """
+    image_shape = _check_images(images, name)
+    if image_shape != tuple(transform.image_shape):
+        raise DataError(
+            f"{name}: images of shape {image_shape} cannot be whitened by a transform "
+            f"fitted on images of shape {tuple(transform.image_shape)}"
+        )
+    device = torch.device(device)
+    if out is None:
+        out = np.empty(images.shape, dtype=np.float32)
+    p = math.prod(image_shape)
+    block_rows = block_rows or default_block_rows(p)
+    mean = torch.as_tensor(transform.mean, device=device, dtype=dtype)
+    v = torch.as_tensor(transform.components, device=device, dtype=dtype)
+    scales = torch.as_tensor(transform.scales, device=device, dtype=dtype)
+    for start in tqdm(
+        range(0, len(images), block_rows), desc=f"zca apply {name}", unit="block", mininterval=1.0
+    ):
+        block = images[start : start + block_rows]
+        rows = per_image_rows(block, transform.variant, device, dtype, name) - mean
+        coords = rows @ v
+        white = (coords * scales) @ v.T
+        if transform.complement_scale:
+            white += transform.complement_scale * (rows - coords @ v.T)
+        out[start : start + len(rows)] = white.reshape(len(rows), *image_shape).cpu().numpy()
+    return out
+
+
+def whiten_files(
+    inputs: list[Path],
+    out_dir: Path,
+    *,
+    transform_path: Path | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    block_rows: int | None = None,
+    **fit_options: object,
+) -> dict:
+    """The ``zca`` stage: fit on ``inputs[0]`` (or load ``transform_path``), whiten all.
+
+    Writes ``out_dir/<input file name>`` (float32, same shape) for every input,
+    ``out_dir/transform.npz`` and ``out_dir/zca.json`` (settings, spectrum summary,
+    timings, device and peak memory), all or nothing. Returns the JSON record.
+    """
+    names = [Path(p).name for p in inputs]
+    if len(set(names)) != len(names):
+        raise NeuralKernelsError(
+            f"input file names must differ (outputs are named after them): {names}"
+        )
+    run_device = resolve_device(device)
+    work_dtype = resolve_dtype(dtype)
+    reset_peak_memory(run_device)
+    arrays = []
+    for path in inputs:
+        try:
+            arrays.append(np.load(path, mmap_mode="r"))
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read {path} as a .npy array ({error})") from None
+    started = time.perf_counter()
+    if transform_path is None:
+        transform = zca_fit(
+            arrays[0],
+            device=run_device,
+            dtype=work_dtype,
+            block_rows=block_rows,
+            name=str(inputs[0]),
+            **fit_options,
+        )
+    else:
+        transform = ZCATransform.load(transform_path)
+    fit_seconds = time.perf_counter() - started
+    record = {
+        "variant": transform.variant,
+        "solver": transform.solver,
+        "rank": transform.rank,
+        "eps": transform.eps,
+        "n_samples": transform.n_samples,
+        "n_features": int(math.prod(transform.image_shape)),
+        "image_shape": list(transform.image_shape),
+        "fitted_on": str(inputs[0]) if transform_path is None else str(transform_path),
+        "options": dict(fit_options) if transform_path is None else {},
+        "singular_values": {
+            "first": float(transform.singular_values[0]),
+            "last": float(transform.singular_values[-1]),
+        },
+        "device": device_name(run_device),
+        "dtype": dtype,
+        "fit_seconds": fit_seconds,
+        "apply_seconds": {},
+    }
+    with staged_directory(out_dir, last="zca.json") as stage:
+        transform.save(stage / "transform.npz")
+        for path, images in zip(inputs, arrays, strict=True):
+            started = time.perf_counter()
+            out = np.lib.format.open_memmap(
+                stage / path.name, mode="w+", dtype=np.float32, shape=images.shape
+            )
+            zca_apply(
+                transform,
+                images,
+                out=out,
+                device=run_device,
+                dtype=work_dtype,
+                block_rows=block_rows,
+                name=str(path),
+            )
+            out.flush()
+            del out
+            record["apply_seconds"][path.name] = time.perf_counter() - started
+        record.update(peak_memory_mb(run_device))
+        write_json(stage / "zca.json", record)
+    return record
