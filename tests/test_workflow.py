@@ -140,7 +140,7 @@ def test_every_source_kind_end_to_end_over_loopback(workdir, archive_server):
                 "cifar10", "cifar-10-python.tar.gz", subsets={"sizes": [20], "seeds": [0]}
             ),
             "tiny_imagenet": archive("tiny_imagenet", "tiny-imagenet-200.zip", val_fraction=0.25),
-            "imagenet_r": archive("imagenet_r", "imagenet-r.tar", image_size=24, test_fraction=0.1),
+            "imagenet_r": archive("imagenet_r", "imagenet-r.tar", image_size=24),
             "mine": {"source": "custom", "path": str(npz)},
         }
     }  # fmt: skip
@@ -150,7 +150,8 @@ def test_every_source_kind_end_to_end_over_loopback(workdir, archive_server):
     assert result.returncode == 0, result.stderr
     assert load_meta(workdir / "results/data/cifar10")["splits"]["test"]["size"] == 30
     assert load_meta(workdir / "results/data/tiny_imagenet")["image_shape"] == [64, 64, 3]
-    assert load_meta(workdir / "results/data/imagenet_r")["image_shape"] == [24, 24, 3]
+    imagenet_r = load_meta(workdir / "results/data/imagenet_r")
+    assert imagenet_r["image_shape"] == [24, 24, 3] and imagenet_r["test_fraction"] == 0.1
     assert load_meta(workdir / "results/data/mine")["splits"]["test"]["size"] == 12
     assert (
         load_meta(workdir / "results/data/cifar10/subsets/n20-seed0")["splits"]["train"]["size"]

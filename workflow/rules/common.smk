@@ -62,10 +62,11 @@ def prepare_args(wildcards, input):
     args = [
         f"--source {cfg['source']}",
         f"--val-fraction {cfg['val_fraction']}",
-        f"--test-fraction {cfg['test_fraction']}",
         f"--seed {cfg['seed']}",
         f"--image-size {cfg['image_size']}",
     ]
+    if cfg["test_fraction"] is not None:
+        args.append(f"--test-fraction {cfg['test_fraction']}")
     if "archive" in input.keys():
         args += [
             f"--archive '{input.archive}'",

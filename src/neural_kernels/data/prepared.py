@@ -42,6 +42,10 @@ FORMAT = "neural_kernels.prepared/1"
 SPLITS = ("train", "val", "test")
 META = "meta.json"
 COPY_CHUNK = 4096
+#: Share held out as test by sources without an official test split, unless told:
+#: the thesis splits ImageNet-R 9:1; digits and custom data keep a fifth.
+DEFAULT_TEST_FRACTION = {"imagenet_r": 0.1}
+FALLBACK_TEST_FRACTION = 0.2
 
 
 def split_files(split: str) -> tuple[str, str]:
@@ -155,7 +159,7 @@ def prepare_dataset(
     archive: Path | None = None,
     npz: Path | None = None,
     val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     seed: int = 0,
     image_size: int = 224,
     checksum: str | None = None,
@@ -163,10 +167,13 @@ def prepare_dataset(
     """Convert a source into a prepared dataset directory (see the module docstring).
 
     ``test_fraction`` is used only by sources without an official test split
-    (digits, imagenet_r, a custom ``.npz`` without ``test_images``). Returns the
+    (digits, imagenet_r, a custom ``.npz`` without ``test_images``); ``None`` means
+    0.1 for imagenet_r (the thesis's 9:1 split) and 0.2 otherwise. Returns the
     metadata written to ``meta.json``.
     """
     out_dir = Path(out_dir)
+    if test_fraction is None:
+        test_fraction = DEFAULT_TEST_FRACTION.get(source, FALLBACK_TEST_FRACTION)
     if archive is not None:
         check_archive(Path(archive), checksum)
     with staged_directory(out_dir, last=META) as stage:
