@@ -54,6 +54,9 @@ SOLVERS = ("exact", "randomized", "auto")
 AUTO_EXACT_MAX_FEATURES = 4096
 #: Default row-block size targets blocks of about this many bytes (float32).
 BLOCK_BYTES = 1 << 28
+#: Preprocessed rows up to this size stay on the device between the randomized
+#: solver's passes instead of being re-read from the (memory-mapped) input.
+RESIDENT_BYTES = 1 << 30
 
 
 @dataclass
@@ -219,8 +222,9 @@ def zca_fit(
     device = torch.device(device)
     block_rows = block_rows or default_block_rows(p)
     n_blocks = math.ceil(len(images) / block_rows) * (2 if flips else 1)
+    resident = n * p * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES
     passes = 1 if variant == "thesis" else 0  # the feature mean needs a pass
-    passes += 1 if solver == "exact" else 2 * power_iters + 2
+    passes += 1 if solver == "exact" or resident else 2 * power_iters + 2
     bar = tqdm(total=passes * n_blocks, desc=f"zca fit ({solver})", unit="block", mininterval=1.0)
 
     def raw_blocks() -> Iterator[torch.Tensor]:
@@ -237,9 +241,14 @@ def zca_fit(
         mean = torch.zeros(p, dtype=torch.float64, device=device)
     mean_w = mean.to(dtype)
 
-    def blocks() -> Iterator[torch.Tensor]:
+    def centred_blocks() -> Iterator[torch.Tensor]:
         for rows in raw_blocks():
             yield rows - mean_w
+
+    blocks: Callable[[], Iterator[torch.Tensor]] = centred_blocks
+    if solver == "randomized" and resident:
+        cached = list(centred_blocks())
+        blocks = cached.__iter__
 
     if solver == "exact":
         cov = torch.zeros(p, p, dtype=torch.float64, device=device)
