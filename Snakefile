@@ -2,6 +2,7 @@
 #   all   -- everything the config asks for (default)
 #   data  -- prepared datasets and their subsets only
 #   zca   -- ZCA-whitened splits of every dataset
+#   kernels -- every configured kernel (estimated and analytic)
 # See README.md for the config files and the output layout.
 
 from snakemake.utils import min_version
@@ -15,6 +16,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/zca.smk"
+include: "workflow/rules/kernels.smk"
 
 
 rule all:
@@ -22,6 +24,7 @@ rule all:
     input:
         data_targets(),
         zca_targets(),
+        kernel_targets(),
 
 
 rule data:
@@ -32,3 +35,8 @@ rule data:
 rule zca:
     input:
         zca_targets(),
+
+
+rule kernels:
+    input:
+        kernel_targets(),

@@ -61,7 +61,15 @@ def test_snakefmt_is_clean():
 def test_dry_run_resolves_default_dag(workdir):
     result = snakemake(workdir, "-n")
     assert result.returncode == 0, result.stderr
-    for rule in ("prepare_dataset", "subset", "zca_whiten", "all"):
+    for rule in (
+        "prepare_dataset",
+        "subset",
+        "zca_whiten",
+        "all",
+        "kernel_estimate_shard",
+        "kernel_merge",
+        "kernel_analytic",
+    ):
         assert f"rule {rule}:" in result.stdout
 
 
@@ -80,6 +88,20 @@ def test_dry_run_resolves_default_dag(workdir):
         ({"datasets": {"d": {"source": "digits"}}, "zca": {"variant": "pca"}}, "variant"),
         ({"datasets": {"d": {"source": "digits", "zca": {"rnak": 3}}}}, "rnak"),
         ({"datasets": {"d": {"source": "digits"}}, "zca": {"device": "tpu"}}, "device"),
+        (
+            {
+                "datasets": {"d": {"source": "digits"}},
+                "kernels": {"k": {"arch": "myrtle6", "method": "estimate"}},
+            },
+            "arch",
+        ),
+        (
+            {
+                "datasets": {"d": {"source": "digits"}},
+                "kernels": {"k": {"arch": "myrtle5", "method": "estimate", "widht": 3}},
+            },
+            "widht",
+        ),
     ],
 )
 def test_schema_rejects_bad_config_naming_the_key(workdir, config, names):
@@ -90,6 +112,15 @@ def test_schema_rejects_bad_config_naming_the_key(workdir, config, names):
     assert "Error validating config" in output
     assert names in output
     assert not (workdir / "results").exists()
+
+
+def test_unknown_kernel_name_is_a_clear_error(workdir):
+    config = {"datasets": {"d": {"source": "digits", "kernels": ["nope"]}}}
+    result = snakemake(workdir, "-n", "--configfile", str(write_config(workdir / "c.yaml", config)))
+    assert result.returncode != 0
+    assert (
+        "lists kernel 'nope', which is not defined under 'kernels'" in result.stdout + result.stderr
+    )
 
 
 def test_default_run_prepares_and_whitens_digits(workdir):
@@ -109,6 +140,18 @@ def test_default_run_prepares_and_whitens_digits(workdir):
         white = np.load(workdir / f"results/zca/digits/{split}_images.npy", mmap_mode="r")
         assert white.shape == (size, 8, 8, 1) and white.dtype == np.float32
     assert (workdir / "results/benchmarks/zca_whiten/digits.tsv").exists()
+    kernels = workdir / "results/kernels/digits"
+    for view, train in [("full", 1293)] + [(f"n200-seed{s}", 200) for s in (0, 1, 2)]:
+        for name in ("myrtle5_estimate", "myrtle5_analytic"):
+            record = json.loads((kernels / view / name / "kernel.json").read_text())
+            k = np.load(kernels / view / name / "train.npy", mmap_mode="r")
+            assert k.shape == (train, train) and k.dtype == np.float64
+            np.testing.assert_allclose(np.diagonal(k), 1.0, atol=1e-6)
+            for split, size in (("val", 144), ("test", 360)):
+                assert np.load(kernels / view / name / f"{split}.npy").shape == (size, train)
+            assert record["method"] in ("estimate", "analytic")
+            assert not (kernels / view / name / "shards").exists()  # temp, merged
+    assert (workdir / "results/benchmarks/kernel_merge/digits/full/myrtle5_estimate.tsv").exists()
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 

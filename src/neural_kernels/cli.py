@@ -100,6 +100,174 @@ def _cmd_zca(args: argparse.Namespace) -> object:
     return {key: record[key] for key in ("variant", "solver", "rank", "device", "fit_seconds")}
 
 
+def _estimate_settings(args: argparse.Namespace) -> object:
+    from neural_kernels.kernels.estimate import EstimateSettings
+
+    return EstimateSettings(
+        width=args.width,
+        networks=args.networks,
+        chunk_networks=args.chunk_networks,
+        batch_size=args.batch_size,
+        precision=args.precision or "float32",
+        seed=args.seed,
+        tile_rows=args.tile_rows,
+    )
+
+
+def _load_images(path: Path, name: str):
+    import numpy as np
+
+    from neural_kernels.errors import DataError
+
+    try:
+        images = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read {name} {path} as a .npy array ({error})") from None
+    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+        raise DataError(
+            f"{name} {path}: expected float images of shape (N, H, W, C), got "
+            f"{images.dtype} {images.shape}"
+        )
+    return images
+
+
+def _cmd_kernel(args: argparse.Namespace) -> object:
+    import time
+
+    import numpy as np
+
+    from neural_kernels.architectures import myrtle
+    from neural_kernels.device import device_name, resolve_device
+    from neural_kernels.kernels.analytic import analytic_kernel
+    from neural_kernels.kernels.estimate import estimate_kernel
+    from neural_kernels.outputs import staged_directory
+
+    arch = myrtle(args.arch, args.activation, args.gamma)
+    images = _load_images(args.images, "--images")
+    if args.flips:
+        images = np.concatenate([images, images[:, :, ::-1]])
+    images2 = None if args.images2 is None else _load_images(args.images2, "--images2")
+    if images2 is not None and images2.shape[1:] != images.shape[1:]:
+        raise NeuralKernelsError(
+            f"--images2 has images of shape {images2.shape[1:]}, --images {images.shape[1:]}"
+        )
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    if args.method == "analytic":
+        kernel = analytic_kernel(
+            arch,
+            images,
+            images2,
+            block_size=args.block_size,
+            precision=args.precision or "float64",
+            device=str(device),
+        )
+    else:
+        kernel = estimate_kernel(arch, images, images2, _estimate_settings(args), device=device)
+    seconds = time.perf_counter() - started
+    out = Path(args.out)
+    with staged_directory(out.parent) as stage:
+        np.save(stage / out.name, kernel.astype(np.float64))
+    return {
+        "out": str(out),
+        "shape": list(kernel.shape),
+        "seconds": seconds,
+        "device": device_name(device),
+    }
+
+
+def _kernel_inputs(args: argparse.Namespace) -> dict:
+    evals = {}
+    for item in args.eval or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise NeuralKernelsError(f"--eval takes NAME=PATH, got {item!r}")
+        evals[name] = Path(path)
+    return {"train": args.train, "evals": evals, "train_indices": args.train_indices}
+
+
+def _cmd_kernel_shard(args: argparse.Namespace) -> object:
+    from neural_kernels.kernels.stage import estimate_shard
+
+    record = estimate_shard(
+        **_kernel_inputs(args),
+        out_dir=args.out_dir,
+        arch=args.arch,
+        activation=args.activation,
+        gamma=args.gamma,
+        flips=args.flips,
+        settings=_estimate_settings(args),
+        shard=args.shard,
+        shards=args.shards,
+        device=args.device,
+    )
+    return {key: record[key] for key in ("shard", "shards", "features", "device", "seconds")}
+
+
+def _cmd_kernel_merge(args: argparse.Namespace) -> object:
+    from neural_kernels.kernels.stage import merge_shards
+
+    record = merge_shards(args.shards, args.out_dir)
+    return {key: record[key] for key in ("features", "shards", "seconds")}
+
+
+def _cmd_kernel_analytic(args: argparse.Namespace) -> object:
+    from neural_kernels.kernels.stage import analytic_files
+
+    record = analytic_files(
+        **_kernel_inputs(args),
+        out_dir=args.out_dir,
+        arch=args.arch,
+        activation=args.activation,
+        gamma=args.gamma,
+        flips=args.flips,
+        block_size=args.block_size,
+        precision=args.precision or "float64",
+        device=args.device,
+    )
+    return {key: record[key] for key in ("pairs", "device", "seconds")}
+
+
+def _add_architecture(p: argparse.ArgumentParser) -> None:
+    from neural_kernels.architectures import ACTIVATIONS, MYRTLE_STAGES
+
+    p.add_argument("--arch", choices=sorted(MYRTLE_STAGES), required=True)
+    p.add_argument("--activation", choices=ACTIVATIONS, default="relu")
+    p.add_argument("--gamma", type=float, default=1.0, help="gaussian: exp(gamma (r - 1))")
+    p.add_argument(
+        "--flips",
+        action="store_true",
+        help="append the horizontal mirrors of the (train) images, doubling them",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:1")
+
+
+def _add_estimate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=_positive_int, default=64, help="channels per network")
+    p.add_argument("--networks", type=_positive_int, default=64, help="random networks")
+    p.add_argument(
+        "--chunk-networks",
+        type=_positive_int,
+        default=16,
+        help="networks drawn and run together (the unit of seeding and sharding)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward")
+    p.add_argument("--tile-rows", type=_positive_int, default=2048, help="Gram tile rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random networks")
+
+
+def _add_kernel_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", type=Path, required=True, help="train images .npy (N, H, W, C)")
+    p.add_argument("--train-indices", type=Path, help="use only these rows of --train (.npy)")
+    p.add_argument(
+        "--eval",
+        action="append",
+        metavar="NAME=PATH",
+        help="an eval split: writes NAME.npy = K(eval, train); repeatable",
+    )
+    p.add_argument("--out-dir", type=Path, required=True)
+
+
 def _cmd_sources(args: argparse.Namespace) -> object:
     from neural_kernels.data.sources import ARCHIVES
 
@@ -247,6 +415,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--block-rows", type=_positive_int, help="rows per streamed block")
     p.set_defaults(handler=_cmd_zca)
+
+    p = sub.add_parser(
+        "kernel",
+        help="compute a Myrtle kernel of .npy images (analytic or estimated)",
+        description=(
+            "Write OUT (float64 .npy): K(IMAGES, IMAGES), or K(IMAGES2, IMAGES) with "
+            "--images2. Images are float (N, H, W, C) arrays; no preprocessing happens "
+            "here. 'analytic' is the exact infinite-width recursion (Shankar et al. "
+            "2020); 'estimate' is the normalised Gram matrix of NETWORKS random "
+            "networks of WIDTH channels (F = NETWORKS x WIDTH features)."
+        ),
+    )
+    _add_architecture(p)
+    p.add_argument("--method", choices=("analytic", "estimate"), required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--images2", type=Path, help="rows of a cross kernel K(IMAGES2, IMAGES)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--precision",
+        choices=("float64", "mixed", "float32", "tf32", "bf16"),
+        help="analytic: float64 (default), mixed (float64 after the last pool) or float32; "
+        "estimate: float32 (default), tf32 or bf16 features",
+    )
+    p.add_argument(
+        "--block-size", type=_positive_int, default=16, help="analytic: images per block side"
+    )
+    _add_estimate_options(p)
+    p.set_defaults(handler=_cmd_kernel)
+
+    p = sub.add_parser(
+        "kernel-shard",
+        help="one shard of an estimated kernel: raw sums over a range of random networks",
+        description=(
+            "Write OUT_DIR/{train,<eval>}.npy (float64 sums of feature products), "
+            "<eval>_sqnorm.npy and shard.json for the networks of shard SHARD of SHARDS. "
+            "Combine the shards with kernel-merge."
+        ),
+    )
+    _add_kernel_inputs(p)
+    _add_architecture(p)
+    _add_estimate_options(p)
+    p.add_argument("--precision", choices=("float32", "tf32", "bf16"), default="float32")
+    p.add_argument("--shard", type=int, default=0, help="0-based shard index")
+    p.add_argument("--shards", type=_positive_int, default=1)
+    p.set_defaults(handler=_cmd_kernel_shard)
+
+    p = sub.add_parser(
+        "kernel-merge",
+        help="add estimate shards and apply the final projection",
+        description="Write OUT_DIR/{train,<eval>}.npy (normalised kernels) and kernel.json.",
+    )
+    p.add_argument("shards", type=Path, nargs="+", metavar="SHARD_DIR")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(handler=_cmd_kernel_merge)
+
+    p = sub.add_parser(
+        "kernel-analytic",
+        help="the exact analytic kernel of train and eval splits (resumable)",
+        description=(
+            "Write OUT_DIR/{train,<eval>}.npy and kernel.json; an interrupted run "
+            "resumes from its finished blocks."
+        ),
+    )
+    _add_kernel_inputs(p)
+    _add_architecture(p)
+    p.add_argument("--precision", choices=("float64", "mixed", "float32"), default="float64")
+    p.add_argument("--block-size", type=_positive_int, default=16, help="images per block side")
+    p.set_defaults(handler=_cmd_kernel_analytic)
     return parser
 
 

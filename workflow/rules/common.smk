@@ -11,7 +11,25 @@ from neural_kernels.data.sources import ARCHIVES
 validate(config, "../schemas/config.schema.yaml")
 
 DATASETS = config["datasets"]
+KERNELS = config["kernels"]
+EVAL_SPLITS = [split for split in SPLITS if split != "train"]
 CONDA_ENV = "../envs/neural_kernels.yaml"
+NO_MATCH = "(?!)"  # a wildcard constraint that matches nothing
+
+
+def methods(method):
+    """Constraint matching the names of the kernels computed by ``method``."""
+    names = [name for name, k in KERNELS.items() if k["method"] == method]
+    return "|".join(names) or NO_MATCH
+
+
+for _name, _cfg in DATASETS.items():
+    for _kernel in _cfg["kernels"] + _cfg["subsets"]["kernels"]:
+        if _kernel not in KERNELS:
+            raise ValueError(
+                f"dataset {_name!r} lists kernel {_kernel!r}, which is not defined under "
+                f"'kernels' (defined: {', '.join(KERNELS) or 'none'}); define it or remove it"
+            )
 
 
 wildcard_constraints:
@@ -19,6 +37,9 @@ wildcard_constraints:
     archive="|".join(a.filename for a in ARCHIVES.values()).replace(".", r"\."),
     size=r"\d+",
     seed=r"\d+",
+    kernel="|".join(KERNELS) or NO_MATCH,
+    view=r"full|n\d+-seed\d+",
+    shard=r"\d+",
 
 
 def input_dir(wildcards, input):
@@ -127,3 +148,98 @@ def data_targets():
         targets.append(f"results/data/{name}/meta.json")
         targets += [f"{d}/meta.json" for d in subset_dirs(name)]
     return targets
+
+
+def kernel_views(name):
+    """(view, kernel names) of a dataset: 'full' and one 'n<size>-seed<seed>' per subset."""
+    cfg = DATASETS[name]
+    views = [("full", cfg["kernels"])] if cfg["kernels"] else []
+    subsets = cfg["subsets"]
+    views += [
+        (f"n{size}-seed{seed}", subsets["kernels"])
+        for size in subsets["sizes"]
+        for seed in subsets["seeds"]
+        if subsets["kernels"]
+    ]
+    return views
+
+
+def kernel_targets():
+    """Every configured kernel directory's kernel.json (written last)."""
+    return [
+        f"results/kernels/{name}/{view}/{kernel}/kernel.json"
+        for name in DATASETS
+        for view, kernels in kernel_views(name)
+        for kernel in kernels
+    ]
+
+
+def kernel_inputs(wildcards):
+    """Whitened train/val/test images, and the subset's row indices for a subset view."""
+    inputs = {
+        split: f"results/zca/{wildcards.dataset}/{split}_images.npy" for split in SPLITS
+    }
+    if wildcards.view != "full":
+        inputs["indices"] = (
+            f"results/data/{wildcards.dataset}/subsets/{wildcards.view}/train_indices.npy"
+        )
+    return inputs
+
+
+def kernel_args(wildcards, input):
+    """Inputs and architecture options shared by the kernel subcommands."""
+    cfg = KERNELS[wildcards.kernel]
+    args = [f"--train '{input.train}'"]
+    args += [f"--eval {split}='{input[split]}'" for split in EVAL_SPLITS]
+    if "indices" in input.keys():
+        args.append(f"--train-indices '{input.indices}'")
+    args += [
+        f"--arch {cfg['arch']}",
+        f"--activation {cfg['activation']}",
+        f"--gamma {cfg['gamma']}",
+        f"--device {cfg['device']}",
+    ]
+    if cfg["flips"]:
+        args.append("--flips")
+    if cfg["precision"] is not None:
+        args.append(f"--precision {cfg['precision']}")
+    return " ".join(args)
+
+
+def estimate_args(wildcards, input):
+    """`neural-kernels kernel-shard` options of one shard."""
+    cfg = KERNELS[wildcards.kernel]
+    keys = ["width", "networks", "chunk_networks", "batch_size", "tile_rows", "seed"]
+    args = [f"--{key.replace('_', '-')} {cfg[key]}" for key in keys]
+    args += [f"--shard {wildcards.shard}", f"--shards {cfg['shards']}"]
+    return " ".join([kernel_args(wildcards, input)] + args)
+
+
+def analytic_args(wildcards, input):
+    """`neural-kernels kernel-analytic` options."""
+    cfg = KERNELS[wildcards.kernel]
+    return f"{kernel_args(wildcards, input)} --block-size {cfg['block_size']}"
+
+
+SHARD_FILES = (
+    ["train.npy"]
+    + [f"{split}{suffix}.npy" for split in EVAL_SPLITS for suffix in ("", "_sqnorm")]
+    + ["shard.json"]
+)
+
+
+def kernel_shard_files(wildcards):
+    """Every file of every shard of an estimated kernel (all are the merge's inputs)."""
+    cfg = KERNELS[wildcards.kernel]
+    base = f"results/kernels/{wildcards.dataset}/{wildcards.view}/{wildcards.kernel}"
+    return [
+        f"{base}/shards/{shard}/{name}"
+        for shard in range(cfg["shards"])
+        for name in SHARD_FILES
+    ]
+
+
+def kernel_shard_dirs(wildcards, input):
+    """The shard directories, quoted for the shell, in shard order."""
+    dirs = dict.fromkeys(os.path.dirname(path) for path in input)
+    return " ".join(f"'{d}'" for d in dirs)

@@ -1,0 +1,1 @@
+"""Myrtle kernels: the exact analytic recursion and the random-network estimate."""

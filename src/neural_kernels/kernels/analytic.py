@@ -1,0 +1,163 @@
+"""The exact infinite-width kernel of an architecture (Shankar et al.'s recursion).
+
+For every image pair the input covariance ``(H, W, H, W)`` goes through each layer's
+kernel map (:meth:`Serial.kernel`). Cost ``O(N^2 (HW)^2)``. Pairs are processed in
+blocks of ``block_size x block_size`` images on the GPU when there is one; a
+symmetric kernel computes only the blocks on and above the diagonal and mirrors them.
+Per-image standard deviations at every nonlinear layer come from one cheap pass over
+the images paired with themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from neural_kernels.architectures import Serial
+from neural_kernels.device import resolve_device
+from neural_kernels.errors import NeuralKernelsError
+
+log = logging.getLogger(__name__)
+
+#: "mixed": float32 up to the last 2x2 pool, float64 after (Shankar et al.'s configs).
+PRECISIONS = ("float64", "float32", "mixed")
+
+
+def _as_images(images: NDArray, name: str) -> NDArray:
+    if images.ndim != 4:
+        raise NeuralKernelsError(
+            f"{name}: expected images of shape (N, H, W, C), got {images.shape}"
+        )
+    if not np.issubdtype(images.dtype, np.floating):
+        raise NeuralKernelsError(
+            f"{name}: expected float images, got {images.dtype}; whiten or scale them first"
+        )
+    return images
+
+
+def _precision(arch: Serial, precision: str) -> tuple[torch.dtype, int | None]:
+    """The working dtype and the index of the first float64 layer, if any."""
+    if precision not in PRECISIONS:
+        raise NeuralKernelsError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
+    if precision == "float64":
+        return torch.float64, None
+    return torch.float32, arch.last_stage_start if precision == "mixed" else None
+
+
+def self_stds(
+    arch: Serial,
+    images: NDArray,
+    *,
+    block_size: int = 64,
+    precision: str = "float64",
+    device: torch.device | None = None,
+) -> tuple[list[torch.Tensor], NDArray]:
+    """Per-image standard deviations at each nonlinear layer, and ``k(x, x)`` unnormalised.
+
+    Returns ``stds`` (one host float64 ``(N, H_l, W_l)`` tensor per layer that needs
+    them, as :meth:`Serial.kernel` takes them) and the final diagonal (all ones when the
+    architecture ends with its Normalize).
+    """
+    device = device or resolve_device("auto")
+    dtype, float64_from = _precision(arch, precision)
+    chunks: list[list[torch.Tensor]] = []
+    diagonal = []
+    for start in range(0, len(images), block_size):
+        x = torch.tensor(np.asarray(images[start : start + block_size]), dtype=dtype)
+        k, used = arch.self_kernel(x.to(device), float64_from=float64_from)
+        chunks.append([s.double().cpu() for s in used])
+        diagonal.append(k.double().cpu().numpy())
+    stds = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+    return stds, np.concatenate(diagonal)
+
+
+def analytic_kernel(
+    arch: Serial,
+    images: NDArray,
+    images2: NDArray | None = None,
+    *,
+    block_size: int = 32,
+    precision: str = "float64",
+    device: str = "auto",
+    out: NDArray | None = None,
+    done: NDArray | None = None,
+    progress: bool = True,
+) -> NDArray:
+    """``K(images2, images)`` (``M x N``), or the symmetric ``K(images, images)``.
+
+    ``images``/``images2`` are float ``(N, H, W, C)`` arrays (memory maps are fine).
+    ``out`` (float64 ``M x N``, e.g. a memory-mapped ``.npy``) receives the result;
+    ``done`` (bool, one entry per block pair, flattened row-major over
+    ``ceil(M / block_size) x ceil(N / block_size)``) marks finished blocks: they are
+    skipped, and each finished block is marked, so an interrupted call resumes.
+    """
+    images = _as_images(images, "images")
+    symmetric = images2 is None
+    rows = images if symmetric else _as_images(images2, "images2")
+    if rows.shape[1:] != images.shape[1:]:
+        raise NeuralKernelsError(
+            f"images2 have shape {rows.shape[1:]} per image but images {images.shape[1:]}"
+        )
+    arch.check_image_size(*images.shape[1:3])
+    run_device = resolve_device(device)
+    dtype, float64_from = _precision(arch, precision)
+    n_rows, n_cols = len(rows), len(images)
+    if out is None:
+        out = np.empty((n_rows, n_cols))
+    if out.shape != (n_rows, n_cols):
+        raise NeuralKernelsError(f"out has shape {out.shape}, expected {(n_rows, n_cols)}")
+    row_blocks = math.ceil(n_rows / block_size)
+    col_blocks = math.ceil(n_cols / block_size)
+    if done is None:
+        done = np.zeros(row_blocks * col_blocks, dtype=bool)
+    if done.shape != (row_blocks * col_blocks,):
+        raise NeuralKernelsError("the resume mask does not match the kernel's block layout")
+
+    stds_cols, _ = self_stds(arch, images, precision=precision, device=run_device)
+    stds_rows = (
+        stds_cols if symmetric else self_stds(arch, rows, precision=precision, device=run_device)[0]
+    )
+
+    todo = [
+        (i, j)
+        for i in range(row_blocks)
+        for j in range(col_blocks)
+        if not (symmetric and j < i) and not done[i * col_blocks + j]
+    ]
+    pairs = sum(
+        min(block_size, n_rows - i * block_size) * min(block_size, n_cols - j * block_size)
+        for i, j in todo
+    )
+    with tqdm(
+        total=pairs,
+        unit="pair",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"analytic {arch.name}",
+    ) as bar:
+        for i, j in todo:
+            r0, r1 = i * block_size, min(n_rows, (i + 1) * block_size)
+            c0, c1 = j * block_size, min(n_cols, (j + 1) * block_size)
+            x = torch.tensor(np.asarray(rows[r0:r1]), dtype=dtype, device=run_device)
+            y = torch.tensor(np.asarray(images[c0:c1]), dtype=dtype, device=run_device)
+            sx = [s[r0:r1].to(run_device) for s in stds_rows]
+            sy = [s[c0:c1].to(run_device) for s in stds_cols]
+            k = arch.cross_kernel(x, y, sx, sy, float64_from=float64_from)
+            block = k.double().cpu().numpy()
+            if symmetric and i == j:
+                block = (block + block.T) / 2  # exactly symmetric despite rounding
+            out[r0:r1, c0:c1] = block
+            if symmetric and i != j:
+                out[c0:c1, r0:r1] = block.T
+            done[i * col_blocks + j] = True
+            if symmetric:
+                done[j * col_blocks + i] = True
+            bar.update((r1 - r0) * (c1 - c0))
+    return out

@@ -1,0 +1,379 @@
+"""File-level kernel stages that the workflow's rules call.
+
+Layout of a kernel directory (``results/kernels/<dataset>/<view>/<kernel>/``):
+``train.npy`` (``N x N``, float64, symmetric; ``N`` doubles with flips),
+``<eval>.npy`` (``M x N`` for each eval split, e.g. ``val``/``test``) and
+``kernel.json`` (settings, sizes, timings, device, throughput), written last.
+An estimate shard directory holds raw sums instead: ``train.npy``, ``<eval>.npy``,
+``<eval>_sqnorm.npy`` and ``shard.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from neural_kernels.architectures import myrtle
+from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
+from neural_kernels.errors import DataError, NeuralKernelsError
+from neural_kernels.kernels.analytic import analytic_kernel
+from neural_kernels.kernels.estimate import EstimateSettings, estimate_sums, normalized_kernel
+from neural_kernels.outputs import staged_directory, write_json
+
+log = logging.getLogger(__name__)
+
+KERNEL_META = "kernel.json"
+SHARD_META = "shard.json"
+
+
+class ImageRows:
+    """Rows of an NHWC ``.npy`` (memory-mapped), optionally indexed and flip-doubled.
+
+    With ``flips`` the rows are ``images[indices]`` followed by their horizontal
+    mirrors, read lazily slice by slice (nothing is copied up front).
+    """
+
+    def __init__(self, path: Path, indices: NDArray | None = None, flips: bool = False):
+        try:
+            self.base = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read {path} as a .npy array ({error})") from None
+        if self.base.ndim != 4 or not np.issubdtype(self.base.dtype, np.floating):
+            raise DataError(
+                f"{path}: expected float images (N, H, W, C), got {self.base.dtype} "
+                f"{self.base.shape}; kernels take whitened (zca) or scaled images"
+            )
+        if indices is not None and (
+            indices.min(initial=0) < 0 or indices.max(initial=0) >= len(self.base)
+        ):
+            raise DataError(f"indices out of range for {path} ({len(self.base)} images)")
+        self.path, self.indices, self.flips = path, indices, flips
+        self.count = len(self.base) if indices is None else len(indices)
+
+    def __len__(self) -> int:
+        return self.count * (2 if self.flips else 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.base.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    def _rows(self, start: int, stop: int) -> NDArray:
+        if self.indices is None:
+            return np.asarray(self.base[start:stop])
+        return np.asarray(self.base[np.sort(self.indices[start:stop])])[
+            np.argsort(np.argsort(self.indices[start:stop]))
+        ]
+
+    def __getitem__(self, key: slice) -> NDArray:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise NeuralKernelsError("ImageRows supports contiguous slices only")
+        parts = []
+        if start < self.count:
+            parts.append(self._rows(start, min(stop, self.count)))
+        if stop > self.count:
+            lo, hi = max(start, self.count) - self.count, stop - self.count
+            parts.append(self._rows(lo, hi)[:, :, ::-1])
+        if not parts:
+            return np.empty((0, *self.base.shape[1:]), self.base.dtype)
+        return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _load_indices(path: Path | None) -> NDArray | None:
+    if path is None:
+        return None
+    try:
+        return np.load(path).astype(np.int64)
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read indices {path} ({error})") from None
+
+
+def _inputs(
+    train: Path, evals: Mapping[str, Path], train_indices: Path | None, flips: bool
+) -> tuple[ImageRows, dict[str, ImageRows]]:
+    rows = ImageRows(Path(train), _load_indices(train_indices), flips)
+    eval_rows = {name: ImageRows(Path(p)) for name, p in evals.items()}
+    for name, images in eval_rows.items():
+        if images.shape[1:] != rows.shape[1:]:
+            raise DataError(
+                f"eval set {name!r} has images of shape {images.shape[1:]}, train {rows.shape[1:]}"
+            )
+    return rows, eval_rows
+
+
+def _describe(train: ImageRows, evals: Mapping[str, ImageRows]) -> dict:
+    return {
+        "train": {
+            "file": str(train.path),
+            "rows": len(train),
+            "flips": train.flips,
+            "subset": train.indices is not None,
+        },
+        **{name: {"file": str(e.path), "rows": len(e)} for name, e in evals.items()},
+        "image_shape": list(train.shape[1:]),
+    }
+
+
+def estimate_shard(
+    train: Path,
+    evals: Mapping[str, Path],
+    out_dir: Path,
+    *,
+    arch: str,
+    activation: str = "relu",
+    gamma: float = 1.0,
+    flips: bool = False,
+    settings: EstimateSettings,
+    shard: int = 0,
+    shards: int = 1,
+    train_indices: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """One shard of an estimated kernel: raw float64 sums over its networks' features."""
+    net = myrtle(arch, activation, gamma)
+    chunks = settings.shard_chunks(shard, shards)
+    rows, eval_rows = _inputs(train, evals, train_indices, flips)
+    run_device = resolve_device(device)
+    reset_peak_memory(run_device)
+    started = time.perf_counter()
+    with staged_directory(Path(out_dir), last=SHARD_META) as stage:
+        out_train = np.lib.format.open_memmap(
+            stage / "train.npy", mode="w+", dtype=np.float64, shape=(len(rows), len(rows))
+        )
+        out_evals = {
+            name: np.lib.format.open_memmap(
+                stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=(len(e), len(rows))
+            )
+            for name, e in eval_rows.items()
+        }
+        sums = estimate_sums(
+            net,
+            rows,
+            eval_rows,
+            settings,
+            chunks=chunks,
+            device=run_device,
+            out_train=out_train,
+            out_evals=out_evals,
+            progress=progress,
+        )
+        for name in eval_rows:
+            np.save(stage / f"{name}_sqnorm.npy", sums[f"{name}_sqnorm"])
+        out_train.flush()
+        for array in out_evals.values():
+            array.flush()
+        seconds = time.perf_counter() - started
+        n_images = len(rows) + sum(len(e) for e in eval_rows.values())
+        record = {
+            "method": "estimate",
+            "arch": arch,
+            "activation": activation,
+            "gamma": gamma,
+            "flips": flips,
+            "settings": settings.as_dict(),
+            "shard": shard,
+            "shards": shards,
+            "chunks": [chunks.start, chunks.stop],
+            "features": sums["features"],
+            "inputs": _describe(rows, eval_rows),
+            "device": device_name(run_device),
+            "passes": sums["passes"],
+            "seconds": {"total": seconds, **sums["seconds"]},
+            "image_features_per_second": n_images
+            * sums["features"]
+            / max(sums["seconds"]["features"], 1e-9),
+            **peak_memory_mb(run_device),
+        }
+        write_json(stage / SHARD_META, record)
+    return record
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read {path} ({error}); rerun the step that writes it") from None
+
+
+def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) -> dict:
+    """Add the shards' sums and apply the final projection; write a kernel directory.
+
+    The shards must come from the same settings and cover every chunk exactly once.
+    """
+    started = time.perf_counter()
+    metas = [_read_meta(Path(d) / SHARD_META) for d in shard_dirs]
+    first = metas[0]
+    same = ("arch", "activation", "gamma", "flips", "settings", "shards", "inputs")
+    for directory, meta in zip(shard_dirs, metas, strict=True):
+        for key in same:
+            if meta[key] != first[key]:
+                raise NeuralKernelsError(
+                    f"shard {directory} differs from {shard_dirs[0]} in {key!r}; "
+                    "rerun the shards with one configuration"
+                )
+    settings = EstimateSettings(**first["settings"])
+    covered = sorted(c for meta in metas for c in range(*meta["chunks"]))
+    if covered != list(range(settings.chunks)):
+        raise NeuralKernelsError(
+            f"the shards cover chunks {covered[:5]}... but need each of 0..{settings.chunks - 1} "
+            "exactly once; pass every shard directory once"
+        )
+    evals = [name for name in first["inputs"] if name not in ("train", "image_shape")]
+    n = first["inputs"]["train"]["rows"]
+    with staged_directory(Path(out_dir), last=KERNEL_META) as stage:
+        names = ["train", *evals]
+        outs = {}
+        for name in names:
+            shape = (n if name == "train" else first["inputs"][name]["rows"], n)
+            out = np.lib.format.open_memmap(
+                stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=shape
+            )
+            for start in range(0, shape[0], block_rows):
+                total = 0.0
+                for directory in shard_dirs:
+                    part = np.load(Path(directory) / f"{name}.npy", mmap_mode="r")
+                    total = total + part[start : start + block_rows]
+                out[start : start + block_rows] = total
+            outs[name] = out
+        diag = np.diagonal(outs["train"]).copy()
+        for name in names:
+            row_sq = (
+                diag
+                if name == "train"
+                else sum(np.load(Path(d) / f"{name}_sqnorm.npy") for d in shard_dirs)
+            )
+            normalized_kernel(outs[name], row_sq, diag, out=outs[name], block_rows=block_rows)
+            outs[name].flush()
+        record = {
+            key: first[key]
+            for key in ("method", "arch", "activation", "gamma", "flips", "settings", "inputs")
+        }
+        shard_seconds = [m["seconds"]["total"] for m in metas]
+        record.update(
+            features=sum(m["features"] for m in metas),
+            shards=len(metas),
+            devices=sorted({m["device"] for m in metas}),
+            seconds={
+                "shards_total": sum(shard_seconds),
+                "shards_max": max(shard_seconds),
+                "features": sum(m["seconds"]["features"] for m in metas),
+                "gram": sum(m["seconds"]["gram"] for m in metas),
+                "merge": time.perf_counter() - started,
+            },
+            image_features_per_second=sum(m["image_features_per_second"] for m in metas)
+            / len(metas),
+            shard_peak_memory_mb=max(m.get("host_peak_rss_mb", 0.0) for m in metas),
+        )
+        write_json(stage / KERNEL_META, record)
+    return record
+
+
+def _resume_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def analytic_files(
+    train: Path,
+    evals: Mapping[str, Path],
+    out_dir: Path,
+    *,
+    arch: str,
+    activation: str = "relu",
+    gamma: float = 1.0,
+    flips: bool = False,
+    block_size: int = 16,
+    precision: str = "float64",
+    train_indices: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """The analytic kernel directory; an interrupted run resumes from finished blocks.
+
+    Blocks are written to memory maps in ``.<out_dir name>.resume/`` beside
+    ``out_dir``, with a mask of finished blocks, and moved in at the end.
+    """
+    net = myrtle(arch, activation, gamma)
+    rows, eval_rows = _inputs(train, evals, train_indices, flips)
+    run_device = resolve_device(device)
+    reset_peak_memory(run_device)
+    record = {
+        "method": "analytic",
+        "arch": arch,
+        "activation": activation,
+        "gamma": gamma,
+        "flips": flips,
+        "settings": {"block_size": block_size, "precision": precision},
+        "inputs": _describe(rows, eval_rows),
+    }
+    out_dir = Path(out_dir)
+    scratch = out_dir.parent / f".{out_dir.name}.resume"
+    key = _resume_key(record)
+    if scratch.exists() and (scratch / "key").read_text(errors="ignore") != key:
+        shutil.rmtree(scratch)
+    fresh = not scratch.exists()
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "key").write_text(key)
+    started = time.perf_counter()
+    seconds = {}
+    pairs = 0
+    for name, images in [("train", None), *eval_rows.items()]:
+        n_rows = len(rows) if images is None else len(images)
+        path, mask = scratch / f"{name}.npy", scratch / f"{name}.done.npy"
+        blocks = -(-n_rows // block_size) * -(-len(rows) // block_size)
+        if fresh or not path.exists() or not mask.exists():
+            out = np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.float64, shape=(n_rows, len(rows))
+            )
+            done = np.lib.format.open_memmap(mask, mode="w+", dtype=bool, shape=(blocks,))
+        else:
+            out = np.load(path, mmap_mode="r+")
+            done = np.load(mask, mmap_mode="r+")
+            log.info("resuming %s: %d of %d blocks done", name, int(done.sum()), blocks)
+        t0 = time.perf_counter()
+        analytic_kernel(
+            net,
+            rows,
+            images,
+            block_size=block_size,
+            precision=precision,
+            device=str(run_device),
+            out=out,
+            done=done,
+            progress=progress,
+        )
+        out.flush()
+        done.flush()
+        seconds[name] = time.perf_counter() - t0
+        pairs += n_rows * len(rows) if images is not None else len(rows) * (len(rows) + 1) // 2
+        del out, done
+    record.update(
+        device=device_name(run_device),
+        seconds={"total": time.perf_counter() - started, **seconds},
+        pairs=pairs,
+        pairs_per_second=pairs / max(time.perf_counter() - started, 1e-9),
+        **peak_memory_mb(run_device),
+    )
+    with staged_directory(out_dir, last=KERNEL_META) as stage:
+        for name in ["train", *eval_rows]:
+            os.replace(scratch / f"{name}.npy", stage / f"{name}.npy")
+        write_json(stage / KERNEL_META, record)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return record

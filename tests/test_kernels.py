@@ -1,0 +1,443 @@
+"""Myrtle kernels: closed forms, kernel properties, estimate -> analytic, shards, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from neural_kernels.architectures import (
+    Conv,
+    GlobalAvgPool,
+    Relu,
+    Serial,
+    myrtle,
+)
+from neural_kernels.cli import main
+from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.kernels import stage
+from neural_kernels.kernels.analytic import analytic_kernel
+from neural_kernels.kernels.estimate import EstimateSettings, estimate_kernel
+from neural_kernels.kernels.stage import ImageRows, analytic_files, estimate_shard, merge_shards
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """The first 48 digits, centred, scaled to about unit variance, NHWC float32."""
+    x = load_digits().images[:48, :, :, None].astype(np.float64) / 16.0
+    return ((x - x.mean(0)) / x.std()).astype(np.float32)
+
+
+def arc_cosine_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """Cho & Saul's order-1 arc-cosine kernel, scaled by 2: (1/pi)|a||b|(sin t + (pi-t)cos t)."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    theta = np.arccos(np.clip(a @ b / (na * nb), -1.0, 1.0))
+    return na * nb / np.pi * (np.sin(theta) + (np.pi - theta) * np.cos(theta))
+
+
+def test_one_conv_layer_matches_closed_form_arc_cosine():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(5, 4, 4, 2))
+    net = Serial("one_conv", (Conv(), Relu(), GlobalAvgPool()))
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # The pre-activation covariance at (p, q) is <patch_x(p), patch_y(q)> / (9 C): the
+    # arc-cosine kernel of the scaled patches, averaged over all position pairs.
+    patches = np.stack(
+        [padded[:, i : i + 3, j : j + 3, :].reshape(5, -1) for i in range(4) for j in range(4)],
+        axis=1,
+    ) / math.sqrt(9 * 2)
+    expected = np.array(
+        [
+            [
+                np.mean([arc_cosine_reference(p, q) for p in patches[a] for q in patches[b]])
+                for b in range(5)
+            ]
+            for a in range(5)
+        ]
+    )
+    got = analytic_kernel(net, images, progress=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("arch", "activation"), [("myrtle5", "relu"), ("myrtle7", "gaussian")])
+def test_analytic_kernel_is_symmetric_psd_with_unit_diagonal(digits, arch, activation):
+    kernel = analytic_kernel(
+        myrtle(arch, activation), digits[:24].astype(np.float64), block_size=7, progress=False
+    )
+    assert kernel.dtype == np.float64
+    np.testing.assert_array_equal(kernel, kernel.T)
+    np.testing.assert_allclose(np.diag(kernel), 1.0, atol=1e-12)
+    assert np.linalg.eigvalsh(kernel).min() > -1e-12
+    assert np.all(np.abs(kernel) <= 1 + 1e-12)
+
+
+def test_cross_kernel_block_size_and_precision(digits):
+    net = myrtle("myrtle5")
+    x, z = digits[:20].astype(np.float64), digits[20:26].astype(np.float64)
+    joint = analytic_kernel(net, np.concatenate([x, z]), block_size=16, progress=False)
+    cross = analytic_kernel(net, x, z, block_size=5, progress=False)
+    np.testing.assert_allclose(cross, joint[20:, :20], rtol=1e-13)
+    mixed = analytic_kernel(net, x, z, precision="mixed", progress=False)
+    np.testing.assert_allclose(mixed, cross, atol=1e-6)
+
+
+def test_gaussian_map_is_exp_of_correlation():
+    layer = myrtle("myrtle5", "gaussian", gamma=0.5).layers[1]
+    k = torch.tensor([[[[[[0.3]]]]]], dtype=torch.float64)
+    sx, sy = torch.full_like(k, 2.0), torch.full_like(k, 0.5)
+    got = layer.kernel(k, sx, sy).item()
+    assert got == pytest.approx(1.0 * math.exp(0.5 * (0.3 - 1.0)), rel=1e-14)
+
+
+def centred_error(estimate: np.ndarray, exact: np.ndarray) -> float:
+    """Relative Frobenius error of the doubly centred kernels (the part that classifies)."""
+    n = len(exact)
+    centre = np.eye(n) - 1.0 / n
+    return np.linalg.norm(centre @ (estimate - exact) @ centre) / np.linalg.norm(
+        centre @ exact @ centre
+    )
+
+
+def test_estimate_converges_to_analytic_as_features_grow(digits):
+    net = myrtle("myrtle5")
+    exact = analytic_kernel(net, digits.astype(np.float64), progress=False)
+    errors = {}
+    for networks in (2, 8, 32):
+        runs = [
+            centred_error(
+                estimate_kernel(
+                    net,
+                    digits,
+                    settings=EstimateSettings(
+                        width=128, networks=networks, chunk_networks=8, seed=seed
+                    ),
+                    device=CPU,
+                    progress=False,
+                ),
+                exact,
+            )
+            for seed in range(2)
+        ]
+        errors[networks * 128] = float(np.mean(runs))
+    f = sorted(errors)
+    # 1/sqrt(F) would shrink the error 4x over a 16x range of F; the finite-width bias
+    # of 128-channel networks keeps it from going all the way.
+    assert errors[f[0]] > errors[f[1]] > errors[f[2]], errors
+    assert errors[f[0]] / errors[f[2]] > 2.5, errors
+    assert errors[f[2]] < 0.15, errors
+    # The uncentred kernel is already close.
+    full = estimate_kernel(
+        net, digits, settings=EstimateSettings(width=128, networks=32), device=CPU, progress=False
+    )
+    assert np.linalg.norm(full - exact) / np.linalg.norm(exact) < 0.01
+
+
+def test_estimate_is_normalised_and_seeded(digits):
+    net = myrtle("myrtle5")
+    settings = EstimateSettings(width=16, networks=8, chunk_networks=4, seed=3)
+    first = estimate_kernel(net, digits[:16], settings=settings, device=CPU, progress=False)
+    again = estimate_kernel(net, digits[:16], settings=settings, device=CPU, progress=False)
+    other = estimate_kernel(
+        net,
+        digits[:16],
+        settings=EstimateSettings(width=16, networks=8, chunk_networks=4, seed=4),
+        device=CPU,
+        progress=False,
+    )
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    np.testing.assert_allclose(np.diag(first), 1.0, atol=1e-12)
+    np.testing.assert_allclose(first, first.T, atol=1e-15)
+    cross = estimate_kernel(net, digits[:16], digits[16:20], settings, device=CPU, progress=False)
+    joint = estimate_kernel(
+        net,
+        np.concatenate([digits[:16], digits[16:20]]),
+        settings=settings,
+        device=CPU,
+        progress=False,
+    )
+    np.testing.assert_allclose(cross, joint[16:, :16], atol=1e-6)
+
+
+def test_row_passes_and_tiles_do_not_change_the_sums(digits):
+    from neural_kernels.kernels.estimate import estimate_sums
+
+    net = myrtle("myrtle5")
+    settings = EstimateSettings(width=8, networks=4, chunk_networks=2, tile_rows=5)
+    evals = {"val": digits[30:37], "test": digits[37:48]}
+    one = estimate_sums(
+        net,
+        digits[:30],
+        evals,
+        EstimateSettings(width=8, networks=4, chunk_networks=2),
+        device=CPU,
+        progress=False,
+    )
+    many = estimate_sums(
+        net,
+        digits[:30],
+        evals,
+        settings,
+        device=CPU,
+        progress=False,
+        max_accumulator_bytes=30 * 8 * 12,
+    )
+    assert many["passes"] > 3
+    for key in ("train", "val", "test", "val_sqnorm", "test_sqnorm"):
+        np.testing.assert_allclose(many[key], one[key], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(one["train"], one["train"].T)
+
+
+@pytest.fixture
+def split_files(tmp_path: Path, digits) -> dict[str, Path]:
+    paths = {}
+    for name, rows in (("train", digits[:24]), ("val", digits[24:30]), ("test", digits[30:40])):
+        paths[name] = tmp_path / f"{name}_images.npy"
+        np.save(paths[name], rows)
+    paths["indices"] = tmp_path / "indices.npy"
+    np.save(paths["indices"], np.array([5, 1, 17, 3, 9, 12, 0, 22, 8, 14]))
+    return paths
+
+
+SETTINGS = EstimateSettings(width=8, networks=16, chunk_networks=2, seed=1)
+
+
+def run_shards(files: dict[str, Path], root: Path, shards: int, **kwargs) -> dict:
+    dirs = []
+    for shard in range(shards):
+        dirs.append(root / f"s{shards}-{shard}")
+        estimate_shard(
+            files["train"],
+            {"val": files["val"], "test": files["test"]},
+            dirs[-1],
+            arch="myrtle5",
+            settings=SETTINGS,
+            shard=shard,
+            shards=shards,
+            progress=False,
+            device="cpu",
+            **kwargs,
+        )
+    merge_shards(dirs, root / f"merged{shards}")
+    return {
+        name: np.load(root / f"merged{shards}" / f"{name}.npy") for name in ("train", "val", "test")
+    }
+
+
+def test_merging_2_or_4_shards_equals_one(split_files, tmp_path):
+    one = run_shards(split_files, tmp_path, 1, flips=True)
+    assert one["train"].shape == (48, 48) and one["test"].shape == (10, 48)
+    for shards in (2, 4):
+        merged = run_shards(split_files, tmp_path, shards, flips=True)
+        for name in one:
+            np.testing.assert_allclose(merged[name], one[name], rtol=0, atol=1e-13)
+    record = json.loads((tmp_path / "merged4" / "kernel.json").read_text())
+    assert record["features"] == 16 * 8 and record["shards"] == 4
+    with pytest.raises(NeuralKernelsError, match="exactly once"):
+        merge_shards([tmp_path / "s4-0", tmp_path / "s4-0"], tmp_path / "bad")
+    with pytest.raises(NeuralKernelsError, match="differs"):
+        merge_shards([tmp_path / "s2-0", tmp_path / "s4-1"], tmp_path / "bad")
+    assert not (tmp_path / "bad" / "kernel.json").exists()
+
+
+def test_flips_double_train_rows_only(split_files, tmp_path):
+    rows = ImageRows(split_files["train"], flips=True)
+    base = np.load(split_files["train"])
+    np.testing.assert_array_equal(rows[20:28], np.concatenate([base[20:24], base[0:4, :, ::-1]]))
+    indexed = ImageRows(split_files["train"], np.load(split_files["indices"]))
+    np.testing.assert_array_equal(indexed[2:6], base[[17, 3, 9, 12]])
+    analytic_files(
+        split_files["train"],
+        {"test": split_files["test"]},
+        tmp_path / "an",
+        arch="myrtle5",
+        flips=True,
+        train_indices=split_files["indices"],
+        progress=False,
+        device="cpu",
+    )
+    train = np.load(tmp_path / "an" / "train.npy")
+    test = np.load(tmp_path / "an" / "test.npy")
+    assert train.shape == (20, 20) and test.shape == (10, 20)
+    direct = analytic_kernel(
+        myrtle("myrtle5"),
+        base[[5, 1, 17, 3, 9, 12, 0, 22, 8, 14]][:, :, ::-1].astype(np.float64),
+        progress=False,
+    )
+    np.testing.assert_allclose(train[10:, 10:], direct, rtol=1e-12)
+
+
+def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_path, monkeypatch):
+    kwargs = dict(arch="myrtle5", block_size=4, progress=False, device="cpu")
+    evals = {"val": split_files["val"]}
+    analytic_files(split_files["train"], evals, tmp_path / "fresh", **kwargs)
+    calls = {"n": 0}
+    original = Serial.cross_kernel
+
+    def failing(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(Serial, "cross_kernel", failing)
+    with pytest.raises(KeyboardInterrupt):
+        analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out" / "kernel.json").exists()
+    assert (tmp_path / ".out.resume").is_dir()
+    calls["n"] = -1000
+    analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+    blocks = 6 * 7 // 2 + 2 * 6  # train triangle (6 x 6 blocks) + val (2 x 6 blocks)
+    assert calls["n"] + 1000 == blocks - 9
+    for name in ("train", "val"):
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "out" / f"{name}.npy"), np.load(tmp_path / "fresh" / f"{name}.npy")
+        )
+    assert not (tmp_path / ".out.resume").exists()
+
+
+def test_killed_shard_is_recomputed_on_rerun(split_files, tmp_path):
+    out = tmp_path / "shard"
+    command = [
+        sys.executable, "-m", "neural_kernels", "kernel-shard",
+        "--train", str(split_files["train"]), "--eval", f"test={split_files['test']}",
+        "--arch", "myrtle10", "--networks", "4000", "--chunk-networks", "1", "--width", "4",
+        "--device", "cpu", "--out-dir", str(out),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".shard.partial-*/train.npy")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "shard.json").exists() and not (out / "train.npy").exists()
+    command[command.index("4000")] = "6"
+    rerun = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / "shard.json").read_text())["features"] == 24
+
+
+def test_kernel_cli_analytic_and_estimate(split_files, tmp_path, capsys):
+    out = tmp_path / "k" / "K.npy"
+    assert (
+        main(
+            [
+                "-q",
+                "kernel",
+                "--arch",
+                "myrtle5",
+                "--method",
+                "analytic",
+                "--images",
+                str(split_files["train"]),
+                "--images2",
+                str(split_files["test"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    expected = analytic_kernel(
+        myrtle("myrtle5"),
+        np.load(split_files["train"]).astype(float),
+        np.load(split_files["test"]).astype(float),
+        progress=False,
+    )
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-12)
+    assert (
+        main(
+            [
+                "-q",
+                "kernel",
+                "--arch",
+                "myrtle5",
+                "--method",
+                "estimate",
+                "--networks",
+                "4",
+                "--width",
+                "8",
+                "--flips",
+                "--images",
+                str(split_files["val"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    estimate = np.load(out)
+    assert estimate.shape == (12, 12) and estimate.dtype == np.float64
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("arch", "images", "message"),
+    [
+        ("myrtle15", np.zeros((2, 8, 8, 1), np.float32), "at least 32x32"),
+        ("myrtle5", np.zeros((2, 8, 8, 1), np.uint8), "float images"),
+        ("myrtle5", np.zeros((2, 8, 8), np.float32), "(N, H, W, C)"),
+    ],
+)
+def test_kernel_cli_rejects_bad_images(tmp_path, capsys, arch, images, message):
+    np.save(tmp_path / "x.npy", images)
+    code = main(
+        [
+            "kernel",
+            "--arch",
+            arch,
+            "--method",
+            "analytic",
+            "--images",
+            str(tmp_path / "x.npy"),
+            "--out",
+            str(tmp_path / "K.npy"),
+        ]
+    )
+    assert code == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "K.npy").exists()
+
+
+def test_estimate_settings_reject_bad_shards():
+    with pytest.raises(NeuralKernelsError, match="shards cannot split"):
+        EstimateSettings(networks=4, chunk_networks=2).shard_chunks(0, 3)
+    with pytest.raises(NeuralKernelsError, match="precision"):
+        EstimateSettings(precision="float16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_matches_cpu(digits):
+    net = myrtle("myrtle5")
+    x = digits[:16].astype(np.float64)
+    np.testing.assert_allclose(
+        analytic_kernel(net, x, device="cuda", progress=False),
+        analytic_kernel(net, x, device="cpu", progress=False),
+        rtol=1e-10,
+    )
+    settings = EstimateSettings(width=16, networks=8)
+    np.testing.assert_allclose(
+        estimate_kernel(
+            net, digits[:16], settings=settings, device=torch.device("cuda"), progress=False
+        ),
+        estimate_kernel(net, digits[:16], settings=settings, device=CPU, progress=False),
+        atol=1e-4,
+    )
+
+
+def test_stage_module_layout_constants():
+    assert stage.KERNEL_META == "kernel.json" and stage.SHARD_META == "shard.json"

@@ -1,0 +1,90 @@
+# Myrtle kernels of the whitened images: estimated from random networks (sharded,
+# then merged) or computed exactly (analytic). Layout: see neural_kernels.kernels.stage.
+
+KERNEL_FILES = ["train.npy"] + [f"{split}.npy" for split in EVAL_SPLITS]
+
+
+rule kernel_estimate_shard:
+    input:
+        unpack(kernel_inputs),
+    output:
+        temp(
+            expand(
+                "results/kernels/{{dataset}}/{{view}}/{{kernel}}/shards/{{shard}}/{file}",
+                file=SHARD_FILES,
+            )
+        ),
+    log:
+        "results/logs/kernel_estimate_shard/{dataset}/{view}/{kernel}/{shard}.log",
+    benchmark:
+        "results/benchmarks/kernel_estimate_shard/{dataset}/{view}/{kernel}/{shard}.tsv"
+    wildcard_constraints:
+        kernel=methods("estimate"),
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=240,
+    params:
+        args=estimate_args,
+        out=output_dir,
+    shell:
+        "python -m neural_kernels kernel-shard {params.args} --out-dir {params.out:q}"
+        " > {log:q} 2>&1"
+
+
+rule kernel_merge:
+    input:
+        kernel_shard_files,
+    output:
+        expand(
+            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}", file=KERNEL_FILES
+        ),
+        "results/kernels/{dataset}/{view}/{kernel}/kernel.json",
+    log:
+        "results/logs/kernel_merge/{dataset}/{view}/{kernel}.log",
+    benchmark:
+        "results/benchmarks/kernel_merge/{dataset}/{view}/{kernel}.tsv"
+    wildcard_constraints:
+        kernel=methods("estimate"),
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        shards=kernel_shard_dirs,
+        out=output_dir,
+    shell:
+        "python -m neural_kernels kernel-merge {params.shards} --out-dir {params.out:q}"
+        " > {log:q} 2>&1"
+
+
+rule kernel_analytic:
+    input:
+        unpack(kernel_inputs),
+    output:
+        expand(
+            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}", file=KERNEL_FILES
+        ),
+        "results/kernels/{dataset}/{view}/{kernel}/kernel.json",
+    log:
+        "results/logs/kernel_analytic/{dataset}/{view}/{kernel}.log",
+    benchmark:
+        "results/benchmarks/kernel_analytic/{dataset}/{view}/{kernel}.tsv"
+    wildcard_constraints:
+        kernel=methods("analytic"),
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=600,
+    params:
+        args=analytic_args,
+        out=output_dir,
+    shell:
+        "python -m neural_kernels kernel-analytic {params.args} --out-dir {params.out:q}"
+        " > {log:q} 2>&1"
