@@ -69,6 +69,22 @@ def _position_diagonal(k: Tensor) -> Tensor:
     return k.reshape(n, h * w, h * w).diagonal(dim1=1, dim2=2).reshape(n, h, w)
 
 
+def _correlation(k: Tensor, std_x: Tensor, std_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``r = k / (std_x std_y)`` clipped to [-1, 1], with the stds kept positive."""
+    std_x, std_y = std_x.clamp_min(_TINY_STD), std_y.clamp_min(_TINY_STD)
+    r = torch.mul(k, 1.0 / std_x).mul_(1.0 / std_y).clamp_(-1.0, 1.0)
+    return r, std_x, std_y
+
+
+class _Parameterless:
+    """A layer without weights."""
+
+    def init(
+        self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
+    ) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class Conv:
     """3x3 convolution, SAME zero padding, no bias, weights ``N(0, 1 / (9 c_in))``.
@@ -95,7 +111,7 @@ class Conv:
 
 
 @dataclass(frozen=True)
-class Relu:
+class Relu(_Parameterless):
     """ReLU with He scale: finite ``sqrt(2) max(z, 0)``.
 
     Kernel map (arc-cosine of order one, Cho & Saul 2009):
@@ -105,17 +121,11 @@ class Relu:
 
     needs_std = True
 
-    def init(
-        self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
-    ) -> None:
-        return None
-
     def apply(self, x: Tensor, params: None = None) -> Tensor:
         return math.sqrt(2.0) * torch.relu(x)
 
     def kernel(self, k: Tensor, std_x: Tensor, std_y: Tensor) -> Tensor:
-        std_x, std_y = std_x.clamp_min(_TINY_STD), std_y.clamp_min(_TINY_STD)
-        r = torch.mul(k, 1.0 / std_x).mul_(1.0 / std_y).clamp_(-1.0, 1.0)
+        r, std_x, std_y = _correlation(k, std_x, std_y)
         out = torch.asin(r).add_(math.pi / 2).mul_(r)  # r (pi - arccos r)
         out.add_(r.square_().neg_().add_(1.0).sqrt_())  # + sqrt(1 - r^2)
         return out.mul_(std_x / math.pi).mul_(std_y)
@@ -152,24 +162,18 @@ class Gaussian:
         return out.reshape(b, channels, h, w)
 
     def kernel(self, k: Tensor, std_x: Tensor, std_y: Tensor) -> Tensor:
-        std_x, std_y = std_x.clamp_min(_TINY_STD), std_y.clamp_min(_TINY_STD)
-        r = torch.mul(k, 1.0 / std_x).mul_(1.0 / std_y).clamp_(-1.0, 1.0)
+        r, std_x, std_y = _correlation(k, std_x, std_y)
         return r.sub_(1.0).mul_(self.gamma).exp_().mul_(std_x).mul_(std_y)
 
 
 @dataclass(frozen=True)
-class AvgPool:
+class AvgPool(_Parameterless):
     """2x2 average pool, stride 2 (a trailing odd row or column is dropped).
 
     Kernel map: the mean of ``k`` over the 2x2 window of ``x`` times that of ``y``.
     """
 
     needs_std = False
-
-    def init(
-        self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
-    ) -> None:
-        return None
 
     def apply(self, x: Tensor, params: None = None) -> Tensor:
         return F.avg_pool2d(x, 2)
@@ -183,15 +187,10 @@ class AvgPool:
 
 
 @dataclass(frozen=True)
-class GlobalAvgPool:
+class GlobalAvgPool(_Parameterless):
     """Mean over all positions; kernel map: mean of ``k`` over all position pairs."""
 
     needs_std = False
-
-    def init(
-        self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
-    ) -> None:
-        return None
 
     def apply(self, x: Tensor, params: None = None) -> Tensor:
         return x.mean(dim=(2, 3), keepdim=True)
@@ -201,7 +200,7 @@ class GlobalAvgPool:
 
 
 @dataclass(frozen=True)
-class Normalize:
+class Normalize(_Parameterless):
     """Projection onto the unit sphere, so that ``k(x, x) = 1``.
 
     Finite: ``f / ||f||`` over all features of one image. Kernel map:
@@ -211,11 +210,6 @@ class Normalize:
     """
 
     needs_std = True
-
-    def init(
-        self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
-    ) -> None:
-        return None
 
     def apply(self, x: Tensor, params: None = None) -> Tensor:
         norm = x.flatten(1).norm(dim=1).clamp_min(_TINY)

@@ -114,23 +114,6 @@ def _estimate_settings(args: argparse.Namespace) -> object:
     )
 
 
-def _load_images(path: Path, name: str):
-    import numpy as np
-
-    from neural_kernels.errors import DataError
-
-    try:
-        images = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as error:
-        raise DataError(f"cannot read {name} {path} as a .npy array ({error})") from None
-    if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
-        raise DataError(
-            f"{name} {path}: expected float images of shape (N, H, W, C), got "
-            f"{images.dtype} {images.shape}"
-        )
-    return images
-
-
 def _cmd_kernel(args: argparse.Namespace) -> object:
     import time
 
@@ -140,13 +123,12 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
     from neural_kernels.device import device_name, resolve_device
     from neural_kernels.kernels.analytic import analytic_kernel
     from neural_kernels.kernels.estimate import estimate_kernel
+    from neural_kernels.kernels.stage import ImageRows
     from neural_kernels.outputs import staged_directory
 
     arch = myrtle(args.arch, args.activation, args.gamma)
-    images = _load_images(args.images, "--images")
-    if args.flips:
-        images = np.concatenate([images, images[:, :, ::-1]])
-    images2 = None if args.images2 is None else _load_images(args.images2, "--images2")
+    images = ImageRows(args.images, flips=args.flips)
+    images2 = None if args.images2 is None else ImageRows(args.images2)
     if images2 is not None and images2.shape[1:] != images.shape[1:]:
         raise NeuralKernelsError(
             f"--images2 has images of shape {images2.shape[1:]}, --images {images.shape[1:]}"

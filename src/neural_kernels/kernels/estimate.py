@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 
@@ -186,8 +187,6 @@ def estimate_sums(
     set, "<name>_sqnorm": sum of squared features of each eval image (M,),
     "features": count, "seconds": {...}}``. ``out_*`` may be memory maps to write into.
     """
-    import time
-
     chunks = range(settings.chunks) if chunks is None else chunks
     n_train = len(train)
     names = list(evals)

@@ -77,9 +77,7 @@ class ImageRows:
     def _rows(self, start: int, stop: int) -> NDArray:
         if self.indices is None:
             return np.asarray(self.base[start:stop])
-        return np.asarray(self.base[np.sort(self.indices[start:stop])])[
-            np.argsort(np.argsort(self.indices[start:stop]))
-        ]
+        return self.base[self.indices[start:stop]]
 
     def __getitem__(self, key: slice) -> NDArray:
         start, stop, step = key.indices(len(self))
@@ -243,15 +241,13 @@ def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) 
         outs = {}
         for name in names:
             shape = (n if name == "train" else first["inputs"][name]["rows"], n)
+            parts = [np.load(Path(d) / f"{name}.npy", mmap_mode="r") for d in shard_dirs]
             out = np.lib.format.open_memmap(
                 stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=shape
             )
             for start in range(0, shape[0], block_rows):
-                total = 0.0
-                for directory in shard_dirs:
-                    part = np.load(Path(directory) / f"{name}.npy", mmap_mode="r")
-                    total = total + part[start : start + block_rows]
-                out[start : start + block_rows] = total
+                rows = slice(start, start + block_rows)
+                out[rows] = sum(part[rows] for part in parts)
             outs[name] = out
         diag = np.diagonal(outs["train"]).copy()
         for name in names:
@@ -326,11 +322,12 @@ def analytic_files(
     out_dir = Path(out_dir)
     scratch = out_dir.parent / f".{out_dir.name}.resume"
     key = _resume_key(record)
-    if scratch.exists() and (scratch / "key").read_text(errors="ignore") != key:
+    key_file = scratch / "key"
+    if scratch.exists() and (not key_file.exists() or key_file.read_text() != key):
         shutil.rmtree(scratch)
     fresh = not scratch.exists()
     scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "key").write_text(key)
+    key_file.write_text(key)
     started = time.perf_counter()
     seconds = {}
     pairs = 0
