@@ -119,7 +119,7 @@ def bench_analytic(
     data = np.random.default_rng(0).normal(size=(n, *shape))
     started = time.perf_counter()
     analytic_kernel(
-        arch, data, block_size=min(n, 16), precision=precision, device=str(device), progress=False
+        arch, data, precision=precision, device=str(device), progress=False
     )
     seconds = time.perf_counter() - started
     pairs = n * (n + 1) / 2

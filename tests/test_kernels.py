@@ -25,7 +25,7 @@ from neural_kernels.architectures import (
 from neural_kernels.cli import main
 from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.kernels import stage
-from neural_kernels.kernels.analytic import analytic_kernel
+from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
 from neural_kernels.kernels.estimate import EstimateSettings, estimate_kernel
 from neural_kernels.kernels.stage import ImageRows, analytic_files, estimate_shard, merge_shards
 
@@ -90,6 +90,28 @@ def test_cross_kernel_block_size_and_precision(digits):
     np.testing.assert_allclose(cross, joint[20:, :20], rtol=1e-13)
     mixed = analytic_kernel(net, x, z, precision="mixed", progress=False)
     np.testing.assert_allclose(mixed, cross, atol=1e-6)
+
+
+def test_auto_block_size_fits_the_cache_and_gives_the_same_kernel(digits):
+    assert auto_block_size(8, 8, CPU) == 8  # 64 pairs x 8^4 entries = 2 MiB of float64
+    assert auto_block_size(32, 32, CPU) == 1
+    assert auto_block_size(32, 32, torch.device("cuda")) == 16
+    net, x = myrtle("myrtle5"), digits[:21].astype(np.float64)
+    np.testing.assert_allclose(
+        analytic_kernel(net, x, progress=False),
+        analytic_kernel(net, x, block_size=21, progress=False),
+        rtol=1e-13,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_relu_map_on_the_cpu_matches_torch_asin(dtype):
+    # The CPU path evaluates arcsin through NumPy; the formula must not change.
+    k = torch.linspace(-2.0, 2.0, 1001, dtype=dtype)
+    sx, sy = torch.full_like(k, 1.5), torch.full_like(k, 0.8)
+    r = (k / 1.2).clamp(-1, 1)
+    expected = 1.2 * (torch.sqrt(1 - r**2) + r * (math.pi - torch.acos(r))) / math.pi
+    torch.testing.assert_close(Relu().kernel(k.clone(), sx, sy), expected)
 
 
 def test_gaussian_map_is_exp_of_correlation():

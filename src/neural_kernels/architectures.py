@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +77,13 @@ def _correlation(k: Tensor, std_x: Tensor, std_y: Tensor) -> tuple[Tensor, Tenso
     return r, std_x, std_y
 
 
+def _asin(r: Tensor) -> Tensor:
+    """``arcsin(r)``; on the CPU through NumPy's SIMD ``arcsin`` (about 5x torch's in float64)."""
+    if r.device.type == "cpu" and not r.requires_grad:
+        return torch.from_numpy(np.arcsin(r.numpy()))
+    return torch.asin(r)
+
+
 class _Parameterless:
     """A layer without weights."""
 
@@ -126,7 +134,7 @@ class Relu(_Parameterless):
 
     def kernel(self, k: Tensor, std_x: Tensor, std_y: Tensor) -> Tensor:
         r, std_x, std_y = _correlation(k, std_x, std_y)
-        out = torch.asin(r).add_(math.pi / 2).mul_(r)  # r (pi - arccos r)
+        out = _asin(r).add_(math.pi / 2).mul_(r)  # r (pi - arccos r)
         out.add_(r.square_().neg_().add_(1.0).sqrt_())  # + sqrt(1 - r^2)
         return out.mul_(std_x / math.pi).mul_(std_y)
 

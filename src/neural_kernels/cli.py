@@ -421,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate: float32 (default), tf32 or bf16 features",
     )
     p.add_argument(
-        "--block-size", type=_positive_int, default=16, help="analytic: images per block side"
+        "--block-size",
+        type=_positive_int,
+        help="analytic: images per block side (default: sized to the cache or GPU memory)",
     )
     _add_estimate_options(p)
     p.set_defaults(handler=_cmd_kernel)
@@ -463,7 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kernel_inputs(p)
     _add_architecture(p)
     p.add_argument("--precision", choices=("float64", "mixed", "float32"), default="float64")
-    p.add_argument("--block-size", type=_positive_int, default=16, help="images per block side")
+    p.add_argument(
+        "--block-size",
+        type=_positive_int,
+        help="images per block side (default: sized to the cache or GPU memory)",
+    )
     p.set_defaults(handler=_cmd_kernel_analytic)
     return parser
 

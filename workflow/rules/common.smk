@@ -217,8 +217,9 @@ def estimate_args(wildcards, input):
 
 def analytic_args(wildcards, input):
     """`neural-kernels kernel-analytic` options."""
-    cfg = KERNELS[wildcards.kernel]
-    return f"{kernel_args(wildcards, input)} --block-size {cfg['block_size']}"
+    size = KERNELS[wildcards.kernel]["block_size"]
+    block = f" --block-size {size}" if size else ""
+    return kernel_args(wildcards, input) + block
 
 
 SHARD_FILES = (

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from neural_kernels.architectures import myrtle
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
-from neural_kernels.kernels.analytic import analytic_kernel
+from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
 from neural_kernels.kernels.estimate import EstimateSettings, estimate_sums, normalized_kernel
 from neural_kernels.outputs import staged_directory, write_json
 
@@ -295,7 +295,7 @@ def analytic_files(
     activation: str = "relu",
     gamma: float = 1.0,
     flips: bool = False,
-    block_size: int = 16,
+    block_size: int | None = None,
     precision: str = "float64",
     train_indices: Path | None = None,
     device: str = "auto",
@@ -309,6 +309,7 @@ def analytic_files(
     net = myrtle(arch, activation, gamma)
     rows, eval_rows = _inputs(train, evals, train_indices, flips)
     run_device = resolve_device(device)
+    block_size = block_size or auto_block_size(*rows.shape[1:3], run_device)
     reset_peak_memory(run_device)
     record = {
         "method": "analytic",
