@@ -3,6 +3,7 @@
 #   data  -- prepared datasets and their subsets only
 #   zca   -- ZCA-whitened splits of every dataset
 #   kernels -- every configured kernel (estimated and analytic)
+#   solvers -- kernel regression (flow, ridge, boosting) on every kernel
 # See README.md for the config files and the output layout.
 
 from snakemake.utils import min_version
@@ -17,6 +18,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/zca.smk"
 include: "workflow/rules/kernels.smk"
+include: "workflow/rules/solve.smk"
 
 
 rule all:
@@ -25,6 +27,7 @@ rule all:
         data_targets(),
         zca_targets(),
         kernel_targets(),
+        solve_targets(),
 
 
 rule data:
@@ -40,3 +43,8 @@ rule zca:
 rule kernels:
     input:
         kernel_targets(),
+
+
+rule solvers:
+    input:
+        solve_targets(),

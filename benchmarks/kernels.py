@@ -118,9 +118,7 @@ def bench_analytic(
     arch = myrtle(arch_name)
     data = np.random.default_rng(0).normal(size=(n, *shape))
     started = time.perf_counter()
-    analytic_kernel(
-        arch, data, precision=precision, device=str(device), progress=False
-    )
+    analytic_kernel(arch, data, precision=precision, device=str(device), progress=False)
     seconds = time.perf_counter() - started
     pairs = n * (n + 1) / 2
     return {

@@ -69,6 +69,7 @@ def test_dry_run_resolves_default_dag(workdir):
         "kernel_estimate_shard",
         "kernel_merge",
         "kernel_analytic",
+        "solve",
     ):
         assert f"rule {rule}:" in result.stdout
 
@@ -102,6 +103,17 @@ def test_dry_run_resolves_default_dag(workdir):
             },
             "widht",
         ),
+        (
+            {"datasets": {"d": {"source": "digits"}}, "solvers": {"s": {"method": "newton"}}},
+            "method",
+        ),
+        (
+            {
+                "datasets": {"d": {"source": "digits"}},
+                "solvers": {"s": {"method": "ridge", "lambdas": [0]}},
+            },
+            "lambdas",
+        ),
     ],
 )
 def test_schema_rejects_bad_config_naming_the_key(workdir, config, names):
@@ -120,6 +132,12 @@ def test_unknown_kernel_name_is_a_clear_error(workdir):
     assert result.returncode != 0
     assert (
         "lists kernel 'nope', which is not defined under 'kernels'" in result.stdout + result.stderr
+    )
+    config = {"datasets": {"d": {"source": "digits", "subsets": {"solvers": ["nope"]}}}}
+    result = snakemake(workdir, "-n", "--configfile", str(write_config(workdir / "c.yaml", config)))
+    assert result.returncode != 0
+    assert (
+        "lists solver 'nope', which is not defined under 'solvers'" in result.stdout + result.stderr
     )
 
 
@@ -152,6 +170,19 @@ def test_default_run_prepares_and_whitens_digits(workdir):
             assert record["method"] in ("estimate", "analytic")
             assert not (kernels / view / name / "shards").exists()  # temp, merged
     assert (workdir / "results/benchmarks/kernel_merge/digits/full/myrtle5_estimate.tsv").exists()
+    solved = workdir / "results/solve/digits"
+    runs = [("full", solver) for solver in ("flow", "ridge", "boosting")]
+    runs += [(f"n200-seed{s}", "flow") for s in (0, 1, 2)]
+    for view, solver in runs:
+        for kernel in ("myrtle5_estimate", "myrtle5_analytic"):
+            metrics = json.loads((solved / view / kernel / solver / "metrics.json").read_text())
+            assert metrics["method"] == solver and metrics["device"] == "cpu"
+            assert metrics["sizes"]["train"] == (1293 if view == "full" else 200)
+            # digits are easy: every kernel and solver is far above chance (10%)
+            assert metrics["test_accuracy"] > (0.9 if view == "full" else 0.7)
+            assert (workdir / f"results/benchmarks/solve/digits/{view}/{kernel}").is_dir()
+    boosting = json.loads((solved / "full/myrtle5_analytic/boosting/metrics.json").read_text())
+    assert {point["step"] for point in boosting["grid"]} == set(range(1, 21))
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 

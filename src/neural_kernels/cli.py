@@ -159,12 +159,7 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
 
 
 def _kernel_inputs(args: argparse.Namespace) -> dict:
-    evals = {}
-    for item in args.eval or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise NeuralKernelsError(f"--eval takes NAME=PATH, got {item!r}")
-        evals[name] = Path(path)
+    evals = dict(_named_path(item, "--eval") for item in args.eval or [])
     return {"train": args.train, "evals": evals, "train_indices": args.train_indices}
 
 
@@ -208,6 +203,35 @@ def _cmd_kernel_analytic(args: argparse.Namespace) -> object:
         device=args.device,
     )
     return {key: record[key] for key in ("pairs", "device", "seconds")}
+
+
+def _cmd_solve(args: argparse.Namespace) -> object:
+    from neural_kernels.solvers.stage import SolverSettings, solve_files
+
+    labels = dict(_named_path(item, "--labels") for item in args.labels)
+    settings = SolverSettings(
+        method=args.method,
+        eta_t=tuple(args.eta_t or ()),
+        lambdas=tuple(args.lambdas or ()),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    record = solve_files(args.kernel_dir, labels, args.out_dir, settings, device=args.device)
+    return {
+        "selected": {k: v for k, v in record["selected"].items() if k != "rule"},
+        "test_accuracy": record["test_accuracy"],
+        "device": record["device"],
+        "seconds": record["seconds"]["total"],
+    }
+
+
+def _named_path(item: str, option: str) -> tuple[str, Path]:
+    """``NAME=PATH`` -> ``(NAME, Path(PATH))``, or a clear error."""
+    name, sep, path = item.partition("=")
+    if not sep or not name.isidentifier() or not path:
+        raise NeuralKernelsError(f"{option} takes NAME=PATH, got {item!r}")
+    return name, Path(path)
 
 
 def _add_architecture(p: argparse.ArgumentParser) -> None:
@@ -257,6 +281,30 @@ def _cmd_sources(args: argparse.Namespace) -> object:
         name: {"url": s.url, "checksum": s.checksum, "description": s.description}
         for name, s in ARCHIVES.items()
     }
+
+
+#: `train` options that map one-to-one onto TrainSettings fields (None: its default).
+_TRAIN_KEYS = (
+    "model", "width", "activation", "gamma", "epochs", "batch_size", "lr", "momentum",
+    "weight_decay", "schedule", "crop", "flip", "seed", "deterministic",
+)  # fmt: skip
+
+
+def _cmd_train(args: argparse.Namespace) -> object:
+    from neural_kernels.networks import TrainSettings, train_network
+
+    given = {key: getattr(args, key) for key in _TRAIN_KEYS if getattr(args, key) is not None}
+    record = train_network(
+        args.data,
+        args.out_dir,
+        TrainSettings(**given),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    return {
+        key: record[key]
+        for key in ("model", "best_epoch", "best_val_accuracy", "test_accuracy", "device")
+    } | {"seconds": record["seconds"]["total"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +519,83 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per block side (default: sized to the cache or GPU memory)",
     )
     p.set_defaults(handler=_cmd_kernel_analytic)
+
+    from neural_kernels.architectures import ACTIVATIONS, MYRTLE_STAGES
+
+    p = sub.add_parser(
+        "train",
+        help="train a network baseline (ResNet18 or a finite Myrtle network), resumable",
+        description=(
+            "Train --model on the prepared dataset --data with SGD (momentum, weight "
+            "decay, a per-step cosine or step schedule); keep the epoch with the best "
+            "validation accuracy. Writes OUT_DIR/model.pt and OUT_DIR/metrics.json "
+            "(per-epoch loss and accuracies, test accuracy of the best epoch, timings, "
+            "device, peak memory). Checkpoints after every epoch in .<OUT_DIR>.resume/ "
+            "beside OUT_DIR: a rerun with the same options resumes there. Mixed "
+            "precision and channels_last on CUDA, float32 on the CPU."
+        ),
+    )
+    p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    p.add_argument("--model", choices=("resnet18", *MYRTLE_STAGES), required=True)
+    p.add_argument("--width", type=_positive_int, help="myrtle: channels (default 64)")
+    p.add_argument("--activation", choices=ACTIVATIONS, help="myrtle: nonlinearity (relu)")
+    p.add_argument("--gamma", type=float, help="myrtle, gaussian: exp(gamma (r - 1)) (1.0)")
+    p.add_argument("--epochs", type=_positive_int, help="default 30")
+    p.add_argument("--batch-size", type=_positive_int, help="default 128")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, help="default 5e-4")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "step"),
+        help="per step: cosine to zero (default), or step (x0.1 at 50%% and 75%%)",
+    )
+    p.add_argument(
+        "--crop",
+        type=_positive_int,
+        help="train on random CROP x CROP windows, evaluate on the centre one (default: none)",
+    )
+    p.add_argument(
+        "--flip", action="store_true", default=None, help="random horizontal flips in training"
+    )
+    p.add_argument("--seed", type=int, help="seed of the weights, data order and augmentation")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="torch.use_deterministic_algorithms(True): bit-for-bit reruns (slower on GPUs)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(handler=_cmd_train)
+    p = sub.add_parser(
+        "solve",
+        help="kernel regression on a kernel directory: flow, ridge or boosting, selected on val",
+        description=(
+            "Fit every hyperparameter of the solver's grid on KERNEL_DIR/train.npy, pick "
+            "the best on val, and write OUT_DIR/predictions.npz and metrics.json."
+        ),
+    )
+    p.add_argument("--kernel-dir", type=Path, required=True, help="holds {train,val,test}.npy")
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        required=True,
+        metavar="SPLIT=PATH",
+        help="integer labels of train, val and test (.npy)",
+    )
+    p.add_argument("--method", choices=("flow", "ridge", "boosting"), required=True)
+    p.add_argument(
+        "--eta-t", type=float, nargs="+", help="flow/boosting: eta t grid (default: a log grid)"
+    )
+    p.add_argument("--lambdas", type=float, nargs="+", help="ridge: lambda grid")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="boosting: M")
+    p.add_argument("--steps", type=_positive_int, default=20, help="boosting: number of steps")
+    p.add_argument("--seed", type=int, default=0, help="boosting: seed of the batch shuffles")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(handler=_cmd_solve)
     return parser
 
 

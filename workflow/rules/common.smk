@@ -12,7 +12,9 @@ validate(config, "../schemas/config.schema.yaml")
 
 DATASETS = config["datasets"]
 KERNELS = config["kernels"]
+SOLVERS = config["solvers"]
 EVAL_SPLITS = [split for split in SPLITS if split != "train"]
+KERNEL_FILES = [f"{split}.npy" for split in SPLITS] + ["kernel.json"]
 CONDA_ENV = "../envs/neural_kernels.yaml"
 NO_MATCH = "(?!)"  # a wildcard constraint that matches nothing
 
@@ -24,12 +26,14 @@ def methods(method):
 
 
 for _name, _cfg in DATASETS.items():
-    for _kernel in _cfg["kernels"] + _cfg["subsets"]["kernels"]:
-        if _kernel not in KERNELS:
-            raise ValueError(
-                f"dataset {_name!r} lists kernel {_kernel!r}, which is not defined under "
-                f"'kernels' (defined: {', '.join(KERNELS) or 'none'}); define it or remove it"
-            )
+    for _section, _defined in (("kernels", KERNELS), ("solvers", SOLVERS)):
+        for _item in _cfg[_section] + _cfg["subsets"][_section]:
+            if _item not in _defined:
+                raise ValueError(
+                    f"dataset {_name!r} lists {_section[:-1]} {_item!r}, which is not defined "
+                    f"under '{_section}' (defined: {', '.join(_defined) or 'none'}); "
+                    "define it or remove it"
+                )
 
 
 wildcard_constraints:
@@ -38,6 +42,7 @@ wildcard_constraints:
     size=r"\d+",
     seed=r"\d+",
     kernel="|".join(KERNELS) or NO_MATCH,
+    solver="|".join(SOLVERS) or NO_MATCH,
     view=r"full|n\d+-seed\d+",
     shard=r"\d+",
 
@@ -244,3 +249,48 @@ def kernel_shard_dirs(wildcards, input):
     """The shard directories, quoted for the shell, in shard order."""
     dirs = dict.fromkeys(os.path.dirname(path) for path in input)
     return " ".join(f"'{d}'" for d in dirs)
+
+
+def solve_targets():
+    """Every (dataset, view, kernel, solver)'s metrics.json (written last)."""
+    targets = []
+    for name in DATASETS:
+        cfg = DATASETS[name]
+        for view, kernels in kernel_views(name):
+            solvers = cfg["solvers"] if view == "full" else cfg["subsets"]["solvers"]
+            targets += [
+                f"results/solve/{name}/{view}/{kernel}/{solver}/metrics.json"
+                for kernel in kernels
+                for solver in solvers
+            ]
+    return targets
+
+
+def solve_inputs(wildcards):
+    """The kernel's blocks and kernel.json, and the labels (a subset's own train labels)."""
+    kernel = f"results/kernels/{wildcards.dataset}/{wildcards.view}/{wildcards.kernel}"
+    data = f"results/data/{wildcards.dataset}"
+    inputs = {"kernel": [f"{kernel}/{name}" for name in KERNEL_FILES]}
+    inputs |= {f"{split}_labels": f"{data}/{split}_labels.npy" for split in SPLITS}
+    if wildcards.view != "full":
+        inputs["train_labels"] = f"{data}/subsets/{wildcards.view}/train_labels.npy"
+    return inputs
+
+
+def solve_args(wildcards, input):
+    """`neural-kernels solve` options of one solver on one kernel."""
+    cfg = SOLVERS[wildcards.solver]
+    labels = " ".join(f"{split}='{input[split + '_labels']}'" for split in SPLITS)
+    args = [
+        f"--kernel-dir '{os.path.dirname(input.kernel[0])}'",
+        f"--labels {labels}",
+        f"--method {cfg['method']}",
+        f"--batch-size {cfg['batch_size']}",
+        f"--steps {cfg['steps']}",
+        f"--seed {cfg['seed']}",
+        f"--device {cfg['device']}",
+    ]
+    for key in ("eta_t", "lambdas"):
+        if cfg[key]:
+            args.append(f"--{key.replace('_', '-')} " + " ".join(map(str, cfg[key])))
+    return " ".join(args)

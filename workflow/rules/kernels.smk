@@ -1,8 +1,6 @@
 # Myrtle kernels of the whitened images: estimated from random networks (sharded,
 # then merged) or computed exactly (analytic). Layout: see neural_kernels.kernels.stage.
 
-KERNEL_FILES = ["train.npy"] + [f"{split}.npy" for split in EVAL_SPLITS]
-
 
 rule kernel_estimate_shard:
     input:
@@ -41,7 +39,6 @@ rule kernel_merge:
         expand(
             "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}", file=KERNEL_FILES
         ),
-        "results/kernels/{dataset}/{view}/{kernel}/kernel.json",
     log:
         "results/logs/kernel_merge/{dataset}/{view}/{kernel}.log",
     benchmark:
@@ -69,7 +66,6 @@ rule kernel_analytic:
         expand(
             "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}", file=KERNEL_FILES
         ),
-        "results/kernels/{dataset}/{view}/{kernel}/kernel.json",
     log:
         "results/logs/kernel_analytic/{dataset}/{view}/{kernel}.log",
     benchmark:

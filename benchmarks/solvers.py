@@ -1,0 +1,221 @@
+"""Kernel solvers: time, peak memory and accuracy against N.
+
+Prints a table and writes JSON (default ``results/benchmarks/solvers.json``):
+
+* scaling: for N = 1024 ... 8192 training points of a 10-class synthetic problem
+  (sklearn ``make_classification``, RBF kernel, 1000 validation and 1000 test
+  points), the eigendecomposition gradient flow, kernel ridge regression and batched
+  boosting at fixed M: wall time, peak memory (host RSS of a fresh process; device
+  memory on a GPU), and the test accuracy of the validation-selected hyperparameter;
+  each measurement runs in its own process so that peaks do not mix;
+* the target: once N >= 8 M, boosting within 0.5 points of the full solve (the flow)
+  in a quarter of its time or less;
+* digits: the accuracy each solver reaches on the default workflow's Myrtle5 kernels
+  (``results/kernels/digits/full/*``) when they exist (run ``snakemake --cores 2``
+  first), through the same ``solve`` stage as the workflow.
+
+Runs on CUDA when present (``--device``). Usage: ``python benchmarks/solvers.py``
+(about 10 minutes on 2 CPU cores; ``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import make_classification
+
+from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
+from neural_kernels.solvers import boosting_path, flow_path, one_hot_targets, ridge_path
+from neural_kernels.solvers.stage import SolverSettings, solve_files
+
+EVAL = 1000
+ETA_T = [1.0, 10.0, 100.0, 1e3, 1e4, 1e6]
+LAMBDAS = [1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-6]
+
+
+def problem(n: int, device: torch.device) -> tuple[torch.Tensor, dict, dict]:
+    """RBF kernel blocks of a 10-class synthetic problem with ``n`` training points."""
+    x, y = make_classification(
+        n_samples=n + 2 * EVAL, n_features=64, n_informative=24, n_redundant=8,
+        n_classes=10, n_clusters_per_class=2, random_state=0,
+    )  # fmt: skip
+    x = torch.from_numpy((x - x.mean(0)) / x.std(0)).to(device)
+    kernel = torch.exp(-(torch.cdist(x, x[:n]) ** 2) / (2 * x.shape[1]))
+    blocks = {"val": kernel[n : n + EVAL], "test": kernel[n + EVAL :]}
+    labels = {"train": y[:n], "val": y[n : n + EVAL], "test": y[n + EVAL :]}
+    return kernel[:n].contiguous(), blocks, labels
+
+
+def accuracy(scores: torch.Tensor, labels: np.ndarray) -> float:
+    return float((scores.argmax(1).cpu().numpy() == labels).mean())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_one(method: str, n: int, batch_size: int, steps: int, device_arg: str) -> dict:
+    """One (method, N) measurement; run in a fresh process by :func:`main`."""
+    device = resolve_device(device_arg)
+    kernel, evals, labels = problem(n, device)
+    targets = torch.from_numpy(one_hot_targets(labels["train"], 10)).to(device)
+    torch.linalg.eigh(torch.eye(4, dtype=torch.float64, device=device))  # load LAPACK
+    sync(device)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    points = []  # (seconds so far, val accuracy, test accuracy, hyperparameters)
+    if method == "boosting":
+        path = boosting_path(
+            kernel, targets, evals, batch_size=batch_size, steps=steps, eta_ts=[1e4],
+            progress=False,
+        )  # fmt: skip
+        for step, [scores] in path:
+            sync(device)
+            points.append(
+                (time.perf_counter() - started, accuracy(scores["val"], labels["val"]),
+                 accuracy(scores["test"], labels["test"]), {"step": step})
+            )  # fmt: skip
+    else:
+        path = flow_path if method == "flow" else ridge_path
+        grid = ETA_T if method == "flow" else LAMBDAS
+        for value, scores in path(kernel, targets, evals, grid):
+            sync(device)
+            points.append(
+                (time.perf_counter() - started, accuracy(scores["val"], labels["val"]),
+                 accuracy(scores["test"], labels["test"]), {"value": value})
+            )  # fmt: skip
+    seconds = time.perf_counter() - started
+    best = max(range(len(points)), key=lambda i: (points[i][1], -i))
+    return {
+        "method": method,
+        "n": n,
+        "batch_size": batch_size if method == "boosting" else None,
+        "seconds": seconds,
+        # boosting stops at the selected step; the full solvers need their whole grid
+        "seconds_to_selected": points[best][0] if method == "boosting" else seconds,
+        "selected": points[best][3],
+        "val_accuracy": points[best][1],
+        "test_accuracy": points[best][2],
+        "device": device_name(device),
+        **peak_memory_mb(device),
+    }
+
+
+def run_isolated(method: str, n: int, batch_size: int, steps: int, device: str) -> dict:
+    command = [sys.executable, __file__, "--one", method, str(n), str(batch_size), str(steps)]
+    result = subprocess.run(
+        [*command, "--device", device], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def digits_accuracy(kernels: Path, device: str) -> list[dict]:
+    """The solve stage on the default workflow's digits kernels, if they exist."""
+    data = Path("results/data/digits")
+    labels = {split: data / f"{split}_labels.npy" for split in ("train", "val", "test")}
+    rows = []
+    for kernel_dir in sorted(kernels.glob("*/kernel.json")):
+        for method in ("flow", "ridge", "boosting"):
+            settings = SolverSettings(method, batch_size=160, steps=20, eta_t=())
+            with tempfile.TemporaryDirectory() as out:
+                record = solve_files(
+                    kernel_dir.parent, labels, Path(out), settings, device=device, progress=False
+                )
+            rows.append(
+                {
+                    "kernel": kernel_dir.parent.name,
+                    "method": method,
+                    "selected": {k: v for k, v in record["selected"].items() if k in
+                                 ("eta_t", "lambda", "step")},
+                    "val_accuracy": record["selected"]["accuracy"]["val"],
+                    "test_accuracy": record["test_accuracy"],
+                    "best_on_test": record["best_on_test"]["accuracy"]["test"],
+                    "seconds": record["seconds"]["solve"],
+                }
+            )  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/solvers.json"))
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--batch-size", type=int, default=512, help="boosting M")
+    parser.add_argument("--steps", type=int, default=12, help="boosting steps")
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        method, n, batch_size, steps = args.one
+        print(json.dumps(measure_one(method, int(n), int(batch_size), int(steps), args.device)))
+        return
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    sizes = [512, 1024] if args.quick else ([4096, 8192, 16384, 32768] if gpu else
+                                            [1024, 2048, 4096, 8192])  # fmt: skip
+    batch_size = 128 if args.quick else args.batch_size
+    report: dict = {"device": device_name(device), "threads": torch.get_num_threads()}
+    report["scaling"] = [
+        run_isolated(method, n, batch_size, args.steps, args.device)
+        for n in sizes
+        for method in ("flow", "ridge", "boosting")
+    ]
+    report["target"] = []
+    for n in sizes:
+        rows = {r["method"]: r for r in report["scaling"] if r["n"] == n}
+        if n < 8 * batch_size:
+            continue
+        boost, full = rows["boosting"], rows["flow"]
+        report["target"].append(
+            {
+                "n": n,
+                "batch_size": batch_size,
+                "accuracy_gap_points": 100 * (full["test_accuracy"] - boost["test_accuracy"]),
+                "time_ratio": boost["seconds_to_selected"] / full["seconds"],
+                "met": full["test_accuracy"] - boost["test_accuracy"] <= 0.005
+                and boost["seconds_to_selected"] <= full["seconds"] / 4,
+            }
+        )
+    report["digits"] = digits_accuracy(Path("results/kernels/digits/full"), args.device)
+
+    print(f"device: {report['device']} ({report['threads']} threads)")
+    print(f"\nscaling (synthetic 10-class RBF problem; boosting M = {batch_size})")
+    print(f"{'N':>6} {'method':<9}{'seconds':>9}{'to selected':>12}{'peak MiB':>10}{'test acc':>9}")
+    for r in report["scaling"]:
+        peak = r.get("device_peak_allocated_mb", r["host_peak_rss_mb"])
+        print(
+            f"{r['n']:>6} {r['method']:<9}{r['seconds']:>9.2f}{r['seconds_to_selected']:>12.2f}"
+            f"{peak:>10.0f}{r['test_accuracy']:>9.3f}"
+        )
+    print("\ntarget: boosting within 0.5 points of the flow in <= 1/4 of its time, N >= 8 M")
+    for r in report["target"]:
+        print(
+            f"N = {r['n']}: gap {r['accuracy_gap_points']:+.2f} points, time ratio "
+            f"{r['time_ratio']:.2f} -> {'met' if r['met'] else 'NOT met'}"
+        )
+    if report["digits"]:
+        print("\ndigits, default Myrtle5 kernels (selected on val)")
+        print(f"{'kernel':<18}{'method':<9}{'val':>7}{'test':>7}{'best-on-test':>13}  selected")
+        for r in report["digits"]:
+            print(
+                f"{r['kernel']:<18}{r['method']:<9}{r['val_accuracy']:>7.3f}"
+                f"{r['test_accuracy']:>7.3f}{r['best_on_test']:>13.3f}  {r['selected']}"
+            )
+    else:
+        print("\ndigits: no kernels under results/kernels/digits/full (run snakemake first)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

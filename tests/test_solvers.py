@@ -1,0 +1,295 @@
+"""Kernel solvers: flow (eigendecomposition vs block exponential), ridge, boosting, solve stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics.pairwise import rbf_kernel
+
+from neural_kernels.cli import main
+from neural_kernels.errors import DataError, NeuralKernelsError
+from neural_kernels.solvers import (
+    boosting_path,
+    flow_path,
+    gradient_flow_alpha,
+    gradient_flow_alpha_expm,
+    kernel_ridge_alpha,
+    one_hot_targets,
+    ridge_path,
+)
+from neural_kernels.solvers.flow import flow_filter, kernel_matmul
+from neural_kernels.solvers.stage import SolverSettings, solve_files
+
+
+def t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.float64))
+
+
+def random_psd(n: int, rank: int, seed: int = 0) -> np.ndarray:
+    """A symmetric PSD matrix of the given rank, scaled to a unit mean diagonal."""
+    features = np.random.default_rng(seed).normal(size=(n, rank))
+    kernel = features @ features.T / rank
+    return (kernel + kernel.T) / 2
+
+
+@pytest.fixture(scope="module")
+def digits_problem() -> dict:
+    """An RBF kernel on 600 digits split 400 / 100 / 100 (unit diagonal; about 85% test)."""
+    data = load_digits()
+    x, y = data.data[:600] / 16.0, data.target[:600]
+    k = rbf_kernel(x, x[:400], gamma=0.05)
+    return {
+        "train": k[:400],
+        "val": k[400:500],
+        "test": k[500:],
+        "y": {"train": y[:400], "val": y[400:500], "test": y[500:]},
+    }
+
+
+@pytest.mark.parametrize("rank", [30, 12])  # full rank and rank-deficient
+@pytest.mark.parametrize("eta_t", [0.01, 1.0, 30.0])
+def test_flow_by_eigendecomposition_equals_block_matrix_exponential(rank, eta_t):
+    kernel = random_psd(30, rank, seed=rank)
+    targets = np.random.default_rng(1).normal(size=(30, 3))
+    expected = gradient_flow_alpha_expm(kernel, targets, eta_t)
+    got = gradient_flow_alpha(t(kernel), t(targets), eta_t).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-8 * max(1.0, np.abs(expected).max()))
+
+
+def test_flow_filter_takes_the_limit_at_zero_eigenvalues():
+    eigenvalues = torch.tensor([0.0, 1e-300, 1e-12, 1e-3, 1.0, 1e3], dtype=torch.float64)
+    phi = flow_filter(eigenvalues, 10.0)
+    assert torch.isfinite(phi).all()
+    assert phi[0] == 10.0 and phi[1] == pytest.approx(10.0, rel=1e-15)
+    assert phi[2] == pytest.approx(10.0 * (1 - 1e-11 / 2), rel=1e-14)
+    expected = (1 - np.exp(-10.0 * eigenvalues[3:].numpy())) / eigenvalues[3:].numpy()
+    np.testing.assert_allclose(phi[3:].numpy(), expected, rtol=1e-14)
+    with pytest.raises(NeuralKernelsError, match="eta_t must be positive"):
+        flow_filter(eigenvalues, 0.0)
+
+
+def test_flow_tends_to_the_pseudo_inverse_solution():
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(40, 15))  # rank 15 < 40: K is singular
+    eval_features = rng.normal(size=(7, 15))
+    kernel, cross = features @ features.T, eval_features @ features.T
+    targets = one_hot_targets(rng.integers(0, 4, 40), 4)
+    pinv_alpha = np.linalg.pinv(kernel) @ targets
+    errors = []
+    for eta_t in (0.1, 1.0, 10.0, 1e4):
+        _, scores = next(flow_path(t(kernel), t(targets), {"z": cross}, [eta_t]))
+        errors.append(np.abs(scores["z"].numpy() - cross @ pinv_alpha).max())
+        alpha = gradient_flow_alpha(t(kernel), t(targets), eta_t).numpy()
+        np.testing.assert_allclose(scores["train"].numpy(), kernel @ alpha, atol=1e-9)
+    # The error falls to the rounding floor; past it, the rounding-level eigenvalues of
+    # the null space (phi = eta t there) let it grow like eta t * 1e-14.
+    assert errors[0] > errors[1] > errors[2] and errors[1] > 1e-6
+    assert max(errors[2:]) < 1e-9
+
+
+def test_flow_matches_explicit_gradient_descent_with_a_small_step():
+    kernel = random_psd(25, 25, seed=3)
+    targets = np.random.default_rng(4).normal(size=(25, 2))
+    step, n_steps = 1e-3, 2000  # eta t = 2
+    alpha = np.zeros_like(targets)
+    for _ in range(n_steps):
+        alpha += step * (targets - kernel @ alpha)  # d alpha / dt = eta (Y - K alpha)
+    flow = gradient_flow_alpha(t(kernel), t(targets), step * n_steps).numpy()
+    # Euler's global error is O(step): here about 1e-3 relative.
+    np.testing.assert_allclose(alpha, flow, rtol=0, atol=5e-3 * np.abs(flow).max())
+    assert np.abs(alpha - flow).max() > 0  # a real comparison, not the same code
+
+
+def test_ridge_and_flow_agree_as_lambda_equals_one_over_eta_t_goes_to_zero():
+    kernel = random_psd(30, 30, seed=5) + 0.1 * np.eye(30)
+    targets = np.random.default_rng(6).normal(size=(30, 3))
+    exact = np.linalg.solve(kernel, targets)
+    gaps = []
+    for eta_t in (1e2, 1e4, 1e8):
+        ridge = kernel_ridge_alpha(t(kernel), t(targets), 1.0 / eta_t).numpy()
+        flow = gradient_flow_alpha(t(kernel), t(targets), eta_t).numpy()
+        gaps.append(np.abs(ridge - flow).max())
+        np.testing.assert_allclose(ridge, np.linalg.solve(kernel + np.eye(30) / eta_t, targets))
+    assert gaps[-1] < 1e-6 * np.abs(exact).max() and gaps[-1] < gaps[0]
+    np.testing.assert_allclose(flow, exact, rtol=1e-6, atol=1e-9)
+
+
+def test_ridge_reports_a_failed_factorisation_clearly():
+    kernel = random_psd(20, 5, seed=7) - 1e-3 * np.eye(20)  # indefinite
+    targets = np.ones((20, 1))
+    with pytest.raises(NeuralKernelsError, match=r"not positive definite for lambda = 1e-06"):
+        kernel_ridge_alpha(t(kernel), t(targets), 1e-6)
+    results = dict(ridge_path(t(kernel), t(targets), {}, [1.0, 1e-6]))
+    assert isinstance(results[1.0], dict) and isinstance(results[1e-6], str)
+
+
+def test_boosting_with_one_batch_and_one_step_equals_the_flow(digits_problem):
+    p = digits_problem
+    targets = t(one_hot_targets(p["y"]["train"], 10))
+    evals = {"val": p["val"]}
+    (step, [boost]), *_ = boosting_path(
+        p["train"], targets, evals, batch_size=400, steps=1, eta_ts=[50.0], progress=False
+    )
+    _, flow = next(flow_path(t(p["train"]), targets, evals, [50.0]))
+    assert step == 1
+    for split in ("train", "val"):
+        np.testing.assert_allclose(boost[split].numpy(), flow[split].numpy(), atol=1e-10)
+
+
+def test_boosting_training_error_decreases_and_reaches_the_full_solve(digits_problem):
+    p = digits_problem
+    targets = t(one_hot_targets(p["y"]["train"], 10))
+    errors, val_accuracy = [], []
+    for _, [scores] in boosting_path(
+        p["train"], targets, {"val": p["val"]}, batch_size=100, steps=12, eta_ts=[1e4],
+        seed=3, progress=False,
+    ):  # fmt: skip
+        errors.append(float(((scores["train"] - targets) ** 2).mean()))
+        val_accuracy.append(np.mean(scores["val"].argmax(1).numpy() == p["y"]["val"]))
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 0.1 * errors[0]
+    _, full = next(flow_path(t(p["train"]), targets, {"val": p["val"]}, [1e4]))
+    full_accuracy = np.mean(full["val"].argmax(1).numpy() == p["y"]["val"])
+    assert val_accuracy[0] < full_accuracy - 0.05  # one step is far from the full solve
+    assert val_accuracy[-1] >= full_accuracy - 0.02
+
+
+def test_boosting_streams_a_memory_map_like_a_tensor(digits_problem, tmp_path):
+    p = digits_problem
+    np.save(tmp_path / "k.npy", p["train"])
+    mapped = np.load(tmp_path / "k.npy", mmap_mode="r")
+    targets = t(one_hot_targets(p["y"]["train"], 10))
+    kwargs = dict(batch_size=64, steps=2, eta_ts=[10.0, 1e3], seed=1, progress=False)
+    streamed = list(boosting_path(mapped, targets, {}, block_rows=37, **kwargs))[-1][1]
+    in_memory = list(boosting_path(t(p["train"]), targets, {}, **kwargs))[-1][1]
+    for a, b in zip(streamed, in_memory, strict=True):
+        torch.testing.assert_close(a["train"], b["train"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        kernel_matmul(mapped, targets, 50).numpy(), p["train"] @ targets.numpy()
+    )
+
+
+def test_centring_the_targets_changes_no_prediction(digits_problem):
+    p = digits_problem
+    centred = t(one_hot_targets(p["y"]["train"], 10))
+    plain = centred + 0.1
+    for (_, a), (_, b) in zip(
+        flow_path(t(p["train"]), centred, {"test": p["test"]}, [1.0, 1e3]),
+        flow_path(t(p["train"]), plain, {"test": p["test"]}, [1.0, 1e3]),
+        strict=True,
+    ):
+        assert torch.equal(a["test"].argmax(1), b["test"].argmax(1))
+
+
+def test_one_hot_targets_rejects_bad_labels():
+    np.testing.assert_allclose(one_hot_targets(np.array([1, 0]), 2), [[-0.5, 0.5], [0.5, -0.5]])
+    with pytest.raises(NeuralKernelsError, match=r"in \[0, 3\)"):
+        one_hot_targets(np.array([0, 3]), 3)
+
+
+def write_kernel_dir(path: Path, problem: dict, flips: bool = False) -> dict[str, Path]:
+    path.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        np.save(path / f"{split}.npy", problem[split])
+    (path / "kernel.json").write_text(json.dumps({"method": "analytic", "flips": flips}))
+    labels = {}
+    for split in ("train", "val", "test"):
+        labels[split] = path.parent / f"{split}_labels.npy"
+        np.save(labels[split], problem["y"][split])
+    return labels
+
+
+@pytest.mark.parametrize("method", ["flow", "ridge", "boosting"])
+def test_solve_files_selects_on_validation_and_records_best_on_test(
+    digits_problem, tmp_path, method
+):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
+    settings = SolverSettings(method, batch_size=100, steps=4)
+    record = solve_files(tmp_path / "kernel", labels, tmp_path / "out", settings, progress=False)
+    grid = [point for point in record["grid"] if "accuracy" in point]
+    best_val = max(point["accuracy"]["val"] for point in grid)
+    first = next(point for point in grid if point["accuracy"]["val"] == best_val)
+    assert record["selected"]["accuracy"] == first["accuracy"]
+    assert record["test_accuracy"] == first["accuracy"]["test"] > 0.8
+    assert record["best_on_test"]["accuracy"]["test"] == max(p["accuracy"]["test"] for p in grid)
+    assert "test split" in record["best_on_test"]["note"]
+    expected_points = {"flow": 21, "ridge": 21, "boosting": 4 * 2}[method]
+    assert len(record["grid"]) == expected_points
+    saved = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert saved["selected"] == record["selected"] and saved["device"] == "cpu"
+    predictions = np.load(tmp_path / "out/predictions.npz")
+    accuracy = np.mean(predictions["test_predictions"] == digits_problem["y"]["test"])
+    assert accuracy == pytest.approx(record["test_accuracy"])
+    assert predictions["val_scores"].shape == (100, 10)
+
+
+def test_most_regularised_candidate_wins_ties(digits_problem, tmp_path):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
+    settings = SolverSettings("flow", eta_t=(1e6, 1e5, 1e7))  # all interpolate: same accuracy
+    record = solve_files(tmp_path / "kernel", labels, tmp_path / "out", settings, progress=False)
+    assert [p["eta_t"] for p in record["grid"]] == [1e5, 1e6, 1e7]
+    assert record["selected"]["eta_t"] == 1e5
+
+
+def test_solve_files_doubles_train_labels_with_flips(digits_problem, tmp_path):
+    p = dict(digits_problem)
+    p["train"] = np.block([[p["train"], p["train"]], [p["train"], p["train"]]])
+    p["val"], p["test"] = np.hstack([p["val"]] * 2), np.hstack([p["test"]] * 2)
+    labels = write_kernel_dir(tmp_path / "kernel", p, flips=True)
+    record = solve_files(
+        tmp_path / "kernel", labels, tmp_path / "out", SolverSettings("ridge"), progress=False
+    )
+    assert record["sizes"]["train"] == 800 and record["test_accuracy"] > 0.8
+
+
+def test_mismatched_labels_are_a_clear_error_and_write_nothing(digits_problem, tmp_path):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
+    np.save(labels["val"], digits_problem["y"]["val"][:50])
+    with pytest.raises(DataError, match=r"val\.npy has shape \(100, 400\) but the labels give"):
+        solve_files(tmp_path / "kernel", labels, tmp_path / "out", SolverSettings("flow"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="no kernel.json"):
+        solve_files(tmp_path, labels, tmp_path / "out", SolverSettings("flow"))
+
+
+def test_every_ridge_failure_is_a_clear_error(tmp_path):
+    bad = {"train": -np.eye(10), "val": np.zeros((2, 10)), "test": np.zeros((2, 10))}
+    bad["y"] = {"train": np.arange(10) % 2, "val": np.array([0, 1]), "test": np.array([0, 1])}
+    labels = write_kernel_dir(tmp_path / "kernel", bad)
+    with pytest.raises(NeuralKernelsError, match="every grid point of the ridge solver failed"):
+        solve_files(
+            tmp_path / "kernel", labels, tmp_path / "out",
+            SolverSettings("ridge", lambdas=(1e-3,)), progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"method": "newton"}, "unknown solver method"),
+        ({"method": "flow", "eta_t": (1.0, -2.0)}, "eta_t must be positive"),
+        ({"method": "ridge", "lambdas": (0.0,)}, "lambdas must be positive"),
+        ({"method": "boosting", "steps": 0}, "steps must be >= 1"),
+    ],
+)
+def test_bad_solver_settings_are_rejected(settings, message):
+    with pytest.raises(NeuralKernelsError, match=message):
+        SolverSettings(**settings)
+
+
+def test_solve_cli_runs_and_reports_errors(digits_problem, tmp_path, capsys):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
+    args = ["solve", "--kernel-dir", str(tmp_path / "kernel"), "--method", "boosting"]
+    args += ["--batch-size", "100", "--steps", "2", "--eta-t", "1000", "--out-dir"]
+    label_args = ["--labels", *(f"{split}={path}" for split, path in labels.items())]
+    assert main([*args, str(tmp_path / "out"), *label_args]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["selected"]["eta_t"] == 1000.0 and result["test_accuracy"] > 0.8
+    assert main([*args, str(tmp_path / "out2"), "--labels", "train"]) == 1
+    assert "--labels takes NAME=PATH" in capsys.readouterr().err
