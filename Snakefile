@@ -4,6 +4,8 @@
 #   zca   -- ZCA-whitened splits of every dataset
 #   kernels -- every configured kernel (estimated and analytic)
 #   solvers -- kernel regression (flow, ridge, boosting) on every kernel
+#   networks -- trained baselines (ResNet18, finite Myrtle networks)
+#   report -- report/report.html and report.md: the thesis tables beside ours
 # See README.md for the config files and the output layout.
 
 from snakemake.utils import min_version
@@ -19,6 +21,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/zca.smk"
 include: "workflow/rules/kernels.smk"
 include: "workflow/rules/solve.smk"
+include: "workflow/rules/networks.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -28,6 +32,9 @@ rule all:
         zca_targets(),
         kernel_targets(),
         solve_targets(),
+        network_targets(),
+        "report/report.html",
+        "report/report.md",
 
 
 rule data:
@@ -48,3 +55,8 @@ rule kernels:
 rule solvers:
     input:
         solve_targets(),
+
+
+rule networks:
+    input:
+        network_targets(),

@@ -33,6 +33,8 @@ def workdir(tmp_path: Path) -> Path:
     shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
     shutil.copytree(REPO / "workflow", tmp_path / "workflow")
     shutil.copytree(REPO / "config", tmp_path / "config")
+    shutil.copytree(REPO / "report/templates", tmp_path / "report/templates")
+    shutil.copy(REPO / "report/thesis.yaml", tmp_path / "report/thesis.yaml")
     return tmp_path
 
 
@@ -70,6 +72,8 @@ def test_dry_run_resolves_default_dag(workdir):
         "kernel_merge",
         "kernel_analytic",
         "solve",
+        "train_network",
+        "report",
     ):
         assert f"rule {rule}:" in result.stdout
 
@@ -113,6 +117,13 @@ def test_dry_run_resolves_default_dag(workdir):
                 "solvers": {"s": {"method": "ridge", "lambdas": [0]}},
             },
             "lambdas",
+        ),
+        (
+            {
+                "datasets": {"d": {"source": "digits"}},
+                "networks": {"n": {"model": "resnet18", "epcohs": 3}},
+            },
+            "epcohs",
         ),
     ],
 )
@@ -183,6 +194,17 @@ def test_default_run_prepares_and_whitens_digits(workdir):
             assert (workdir / f"results/benchmarks/solve/digits/{view}/{kernel}").is_dir()
     boosting = json.loads((solved / "full/myrtle5_analytic/boosting/metrics.json").read_text())
     assert {point["step"] for point in boosting["grid"]} == set(range(1, 21))
+    for network in ("resnet18", "myrtle5_network"):
+        path = workdir / f"results/networks/digits/{network}/metrics.json"
+        metrics = json.loads(path.read_text())
+        assert metrics["test_accuracy"] > 0.5 and metrics["device"] == "cpu"
+    html = (workdir / "report/report.html").read_text()
+    markdown = (workdir / "report/report.md").read_text()
+    for table in ("T1", "T2", "T3", "T4", "T5"):
+        assert f'<table id="{table}"' in html and f"### {table}." in markdown
+    # digits fills T2's Myrtle5 row, labelled as digits; the rest names its target
+    assert "**[digits]**" in markdown and "config/thesis.yaml solvers" in markdown
+    assert (workdir / "results/benchmarks/report/report.tsv").exists()
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 

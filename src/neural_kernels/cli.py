@@ -226,6 +226,24 @@ def _cmd_solve(args: argparse.Namespace) -> object:
     }
 
 
+def _cmd_report(args: argparse.Namespace) -> object:
+    from neural_kernels.report import render_report
+
+    config = None
+    if args.config_json is not None:
+        try:
+            config = json.loads(args.config_json)
+        except ValueError as error:
+            raise NeuralKernelsError(f"--config-json is not valid JSON ({error})") from None
+    return render_report(
+        args.results,
+        args.out_dir,
+        thesis_path=args.thesis,
+        templates=args.templates,
+        config=config,
+    )
+
+
 def _named_path(item: str, option: str) -> tuple[str, Path]:
     """``NAME=PATH`` -> ``(NAME, Path(PATH))``, or a clear error."""
     name, sep, path = item.partition("=")
@@ -596,6 +614,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--out-dir", type=Path, required=True)
     p.set_defaults(handler=_cmd_solve)
+    p = sub.add_parser(
+        "report",
+        help="render report.html and report.md from existing results (recomputes nothing)",
+        description=(
+            "Read every metrics JSON and benchmark file under RESULTS and write "
+            "OUT_DIR/report.html (self-contained), report.md and figures/*.svg."
+        ),
+    )
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--out-dir", type=Path, default=Path("report"))
+    p.add_argument("--thesis", type=Path, default=Path("report/thesis.yaml"))
+    p.add_argument("--templates", type=Path, default=Path("report/templates"))
+    p.add_argument("--config-json", help="the workflow's config (for provenance), as JSON")
+    p.set_defaults(handler=_cmd_report)
     return parser
 
 

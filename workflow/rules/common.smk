@@ -1,6 +1,7 @@
 # Helpers shared by the rules: config access and target lists. No science here: the
 # rules call `python -m neural_kernels <stage>`; file layouts come from the package.
 
+import json
 import os
 
 from snakemake.utils import validate
@@ -13,6 +14,7 @@ validate(config, "../schemas/config.schema.yaml")
 DATASETS = config["datasets"]
 KERNELS = config["kernels"]
 SOLVERS = config["solvers"]
+NETWORKS = config["networks"]
 EVAL_SPLITS = [split for split in SPLITS if split != "train"]
 KERNEL_FILES = [f"{split}.npy" for split in SPLITS] + ["kernel.json"]
 CONDA_ENV = "../envs/neural_kernels.yaml"
@@ -34,6 +36,12 @@ for _name, _cfg in DATASETS.items():
                     f"under '{_section}' (defined: {', '.join(_defined) or 'none'}); "
                     "define it or remove it"
                 )
+    for _item in _cfg["networks"]:
+        if _item not in NETWORKS:
+            raise ValueError(
+                f"dataset {_name!r} lists network {_item!r}, which is not defined under "
+                f"'networks' (defined: {', '.join(NETWORKS) or 'none'}); define it or remove it"
+            )
 
 
 wildcard_constraints:
@@ -43,6 +51,7 @@ wildcard_constraints:
     seed=r"\d+",
     kernel="|".join(KERNELS) or NO_MATCH,
     solver="|".join(SOLVERS) or NO_MATCH,
+    network="|".join(NETWORKS) or NO_MATCH,
     view=r"full|n\d+-seed\d+",
     shard=r"\d+",
 
@@ -280,7 +289,7 @@ def solve_inputs(wildcards):
 def solve_args(wildcards, input):
     """`neural-kernels solve` options of one solver on one kernel."""
     cfg = SOLVERS[wildcards.solver]
-    labels = " ".join(f"{split}='{input[split + '_labels']}'" for split in SPLITS)
+    labels = " ".join(f"{split}='{input[f'{split}_labels']}'" for split in SPLITS)
     args = [
         f"--kernel-dir '{os.path.dirname(input.kernel[0])}'",
         f"--labels {labels}",
@@ -294,3 +303,40 @@ def solve_args(wildcards, input):
         if cfg[key]:
             args.append(f"--{key.replace('_', '-')} " + " ".join(map(str, cfg[key])))
     return " ".join(args)
+
+
+def network_targets():
+    """Every configured network's metrics.json (written last)."""
+    return [
+        f"results/networks/{name}/{network}/metrics.json"
+        for name, cfg in DATASETS.items()
+        for network in cfg["networks"]
+    ]
+
+
+def network_inputs(wildcards):
+    """The prepared dataset a network trains on."""
+    return prepared_dataset(wildcards.dataset)
+
+
+def network_args(wildcards):
+    """`neural-kernels train` options of one network definition."""
+    cfg = NETWORKS[wildcards.network]
+    keys = ["model", "width", "activation", "gamma", "epochs", "batch_size", "lr"]
+    keys += ["momentum", "weight_decay", "schedule", "seed", "device"]
+    args = [f"--{key.replace('_', '-')} {cfg[key]}" for key in keys]
+    if cfg["crop"] is not None:
+        args.append(f"--crop {cfg['crop']}")
+    args += [f"--{flag}" for flag in ("flip", "deterministic") if cfg[flag]]
+    return " ".join(args)
+
+
+def report_inputs():
+    """Every result the report reads (so it renders after all of them)."""
+    return (
+        data_targets()
+        + zca_targets()
+        + kernel_targets()
+        + solve_targets()
+        + network_targets()
+    )

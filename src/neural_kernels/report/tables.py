@@ -1,0 +1,234 @@
+"""The thesis's tables T1-T5 with our numbers beside every cell.
+
+The thesis values live in one data file (``report/thesis.yaml``); each cell there says
+which experiment of ours fills it (a kernel's properties and a solver, a trained
+network, or a kernel's compute time). A cell is filled from runs on the thesis's own
+dataset; when there are none, runs on the embedded digits data with the same kernel
+and solver fill it, labelled as digits and without a difference to the thesis value
+(different data). A cell nothing fills says "not run" and names the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from neural_kernels.report.collect import ReportError, Results
+
+#: How a missing experiment is run: the full-reproduction config and the target.
+RUN_HINT = "snakemake --cores all --configfile config/thesis.yaml {target}"
+ANALOGUE = "digits"
+
+
+@dataclass
+class Entry:
+    """One of our results in a cell: a mean over seeds/subsets where there are several."""
+
+    value: float
+    std: float | None
+    count: int
+    label: str  # the dataset, view, config names that produced it
+    same_dataset: bool  # False: a digits run filling the shape of a thesis table
+    thesis: float | None
+    unit: str = "%"
+
+    @property
+    def text(self) -> str:
+        if self.unit == "hours":
+            return f"{self.value:.3g} h"
+        spread = f" ± {self.std:.1f}" if self.std is not None else ""
+        return f"{self.value:.1f}{spread}"
+
+    @property
+    def difference(self) -> str:
+        if not self.same_dataset or self.thesis is None:
+            return "—"
+        delta = self.value - self.thesis
+        return f"{delta:+.3g} h" if self.unit == "hours" else f"{delta:+.1f}"
+
+
+@dataclass
+class Cell:
+    """A thesis value and what we have for it."""
+
+    column: str
+    thesis_text: str
+    entries: list[Entry] = field(default_factory=list)
+    status: str = "ok"  # ok | analogue | not run | missing | empty
+    message: str = ""
+
+
+@dataclass
+class Row:
+    label: str
+    cells: list[Cell]
+
+
+@dataclass
+class Table:
+    id: str
+    title: str
+    dataset: str
+    row_header: str
+    columns: list[str]
+    note: str
+    rows: list[Row]
+
+
+def load_thesis(path: Path) -> list[dict]:
+    """The table definitions of ``report/thesis.yaml`` (checked for shape)."""
+    try:
+        tables = yaml.safe_load(Path(path).read_text())["tables"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        raise ReportError(f"{path}: cannot read the thesis tables ({error})") from None
+    for table in tables:
+        for row in table["rows"]:
+            if len(row["cells"]) != len(table["columns"]):
+                raise ReportError(
+                    f"{path}: table {table['id']} row {row['label']!r} has "
+                    f"{len(row['cells'])} cells for {len(table['columns'])} columns"
+                )
+    return tables
+
+
+def _thesis_text(cell: dict, unit: str) -> str:
+    if cell.get("thesis_text"):
+        return cell["thesis_text"]
+    if cell.get("thesis") is None:
+        return "-"
+    std = f" ± {cell['thesis_std']}" if cell.get("thesis_std") is not None else ""
+    return f"{cell['thesis']}{std}" + (" h" if unit == "hours" else "")
+
+
+def _view_matches(view: str, table: dict) -> bool:
+    if table["view"] == "full":
+        return view == "full"
+    size = table.get("subset_size")
+    return view.startswith(f"n{size}-seed") if size else view != "full"
+
+
+def _analogue_view(view: str, table: dict) -> bool:
+    return (view == "full") == (table["view"] == "full")
+
+
+def _subset(spec: dict, record: dict) -> bool:
+    return all(record.get(key) == value for key, value in spec.items())
+
+
+def _find(results: Results, table: dict, cell: dict, source: str, exact: bool) -> list[Entry]:
+    """Our entries for ``cell`` on datasets of kind ``source``."""
+    view_ok = _view_matches if exact else _analogue_view
+    groups: dict[str, list[float]] = {}
+    unit = "%"
+    if "kernel" in cell:
+        for s in results.solves:
+            if (
+                results.source(s["dataset"]) == source
+                and view_ok(s["view"], table)
+                and s["method"] == cell["solver"]
+                and _subset(cell["kernel"], s["kernel"])
+            ):
+                views = "full" if s["view"] == "full" else "subsets"
+                key = f"{s['dataset']} · {views} · {s['kernel_name']} · {s['solver']}"
+                groups.setdefault(key, []).append(100 * s["test_accuracy"])
+    elif "network" in cell:
+        for n in results.networks:
+            settings = {"model": n["model"], **n["settings"]}
+            if results.source(n["dataset"]) == source and _subset(cell["network"], settings):
+                groups.setdefault(f"{n['dataset']} · network {n['name']}", []).append(
+                    100 * n["test_accuracy"]
+                )
+    elif "kernel_time" in cell:
+        unit = "hours"
+        for k in results.kernels:
+            if (
+                results.source(k["dataset"]) == source
+                and view_ok(k["view"], table)
+                and _subset(cell["kernel_time"], k)
+            ):
+                key = f"{k['dataset']} · {k['view']} · {k['name']} on {kernel_devices(k)}"
+                groups.setdefault(key, []).append(kernel_seconds(k) / 3600)
+    entries = []
+    for label, values in groups.items():
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        suffix = f" ({len(values)} runs)" if len(values) > 1 else ""
+        entries.append(
+            Entry(
+                value=float(np.mean(values)),
+                std=std,
+                count=len(values),
+                label=label + suffix,
+                same_dataset=exact,
+                thesis=cell.get("thesis"),
+                unit=unit,
+            )
+        )
+    return entries
+
+
+def kernel_seconds(record: dict) -> float:
+    """Compute time of a kernel: all shards plus the merge, or the analytic run."""
+    seconds = record["seconds"]
+    if "shards_total" in seconds:
+        return seconds["shards_total"] + seconds.get("merge", 0.0)
+    return seconds["total"]
+
+
+def kernel_devices(record: dict) -> str:
+    return ", ".join(record.get("devices") or [record.get("device", "?")])
+
+
+def fill_cell(results: Results, table: dict, cell: dict, column: str, unit: str) -> Cell:
+    """Our entries for one thesis cell, or the reason there are none."""
+    out = Cell(column=column, thesis_text=_thesis_text(cell, unit))
+    if "missing" in cell:
+        out.status, out.message = "missing", cell["missing"]
+        return out
+    if not {"kernel", "network", "kernel_time"} & cell.keys():
+        out.status = "empty"
+        return out
+    out.entries = _find(results, table, cell, table["dataset"], exact=True)
+    if not out.entries and table["dataset"] != ANALOGUE:
+        out.entries = _find(results, table, cell, ANALOGUE, exact=False)
+        if out.entries:
+            out.status = "analogue"
+            out.message = (
+                f"digits, not {table['dataset']}: the embedded run fills this cell's "
+                f"experiment on other data; {RUN_HINT.format(target=cell['target'])} "
+                "runs the thesis's"
+            )
+    if not out.entries:
+        out.status = "not run"
+        out.message = f"not run in this configuration: {RUN_HINT.format(target=cell['target'])}"
+    return out
+
+
+def fill_tables(thesis: list[dict], results: Results) -> list[Table]:
+    """Every thesis table with each cell filled from ``results``."""
+    tables = []
+    for t in thesis:
+        rows = [
+            Row(
+                label=row["label"],
+                cells=[
+                    fill_cell(results, t, cell, column, row.get("unit", "%"))
+                    for cell, column in zip(row["cells"], t["columns"], strict=True)
+                ],
+            )
+            for row in t["rows"]
+        ]
+        tables.append(
+            Table(
+                id=t["id"],
+                title=t["title"],
+                dataset=t["dataset"],
+                row_header=t.get("row_header", ""),
+                columns=list(t["columns"]),
+                note=t.get("note", ""),
+                rows=rows,
+            )
+        )
+    return tables

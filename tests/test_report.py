@@ -1,0 +1,302 @@
+"""The report: thesis values in the right cells, ours beside them, clear errors, a real DOM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from neural_kernels.cli import main
+from neural_kernels.report import render_report
+from neural_kernels.report.collect import ReportError, collect
+from neural_kernels.report.figures import figure_kernel_error, kernel_errors
+
+REPO = Path(__file__).resolve().parents[1]
+THESIS = REPO / "report/thesis.yaml"
+TEMPLATES = REPO / "report/templates"
+CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+def write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def solve_record(kernel: dict, method: str, test: float) -> dict:
+    grid = [
+        {"eta_t": 10.0, "accuracy": {"train": 1.0, "val": test - 0.01, "test": test - 0.02}},
+        {"eta_t": 100.0, "accuracy": {"train": 1.0, "val": test, "test": test}},
+    ]
+    if method == "boosting":
+        grid = [{**p, "step": i + 1, "eta_t": 100.0} for i, p in enumerate(grid)]
+    return {
+        "method": method, "kernel": kernel, "grid": grid, "selected": grid[-1],
+        "test_accuracy": test, "device": "cpu",
+    }  # fmt: skip
+
+
+def dataset_meta(source: str) -> dict:
+    return {"source": source, "splits": {"train": {"size": 10}, "test": {"size": 5}}}
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """A results tree with a few experiments of each kind (values chosen per cell)."""
+    root = tmp_path / "results"
+    for name, source in [("cifar10", "cifar10"), ("digits", "digits"), ("tiny", "tiny_imagenet")]:
+        write(root / f"data/{name}/meta.json", dataset_meta(source))
+    gaussian = {"method": "estimate", "arch": "myrtle10", "activation": "gaussian",
+                "flips": False, "features": 8192}  # fmt: skip
+    write(
+        root / "solve/cifar10/full/m10g/boosting/metrics.json",
+        solve_record(gaussian, "boosting", 0.875),
+    )
+    write(root / "solve/cifar10/full/m10g/flow/metrics.json", solve_record(gaussian, "flow", 0.88))
+    relu5 = {"method": "estimate", "arch": "myrtle5", "activation": "relu", "flips": False,
+             "features": 4096}  # fmt: skip
+    for seed, accuracy in enumerate([0.64, 0.65, 0.66]):
+        write(
+            root / f"solve/cifar10/n1280-seed{seed}/m5e/flow/metrics.json",
+            solve_record(relu5, "flow", accuracy),
+        )
+    analytic5 = {"method": "analytic", "arch": "myrtle5", "activation": "relu", "flips": False}
+    write(
+        root / "solve/digits/n200-seed0/m5a/flow/metrics.json",
+        solve_record(analytic5, "flow", 0.95),
+    )
+    write(
+        root / "networks/tiny/resnet18/metrics.json",
+        {"model": "resnet18", "settings": {"crop": None, "flip": False}, "test_accuracy": 0.30,
+         "device": "NVIDIA H100"},
+    )  # fmt: skip
+    write(
+        root / "kernels/cifar10/full/m10e/kernel.json",
+        {"method": "estimate", "arch": "myrtle10", "activation": "relu", "flips": False,
+         "settings": {"width": 64}, "features": 800_000, "devices": ["NVIDIA H100"],
+         "seconds": {"shards_total": 7000.0, "merge": 200.0}},
+    )  # fmt: skip
+    bench = root / "benchmarks/solve/cifar10/full/m10g/flow.tsv"
+    bench.parent.mkdir(parents=True)
+    bench.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t900.0\n")
+    return root
+
+
+class CellParser(HTMLParser):
+    """Collects the report's table cells: (table, row, column) -> texts by class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: dict[tuple[str, str, str], dict] = {}
+        self.table = ""
+        self.cell: dict | None = None
+        self.classes: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attributes = dict(attrs)
+        if tag == "table":
+            self.table = attributes.get("id", "")
+        if tag == "td" and "data-row" in attributes:
+            key = (self.table, attributes["data-row"], attributes["data-column"])
+            self.cell = self.cells[key] = {"status": attributes["data-status"]}
+        if self.cell is not None:
+            self.classes.append(attributes.get("class", "") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.cell is not None and self.classes:
+            self.classes.pop()
+        if tag == "td":
+            self.cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None and self.classes and data.strip():
+            for cls in self.classes[-1].split():
+                self.cell.setdefault(cls, []).append(data.strip())
+
+
+def render(results: Path, out: Path) -> dict[tuple[str, str, str], dict]:
+    render_report(results, out, thesis_path=THESIS, templates=TEMPLATES, config={"x": 1})
+    parser = CellParser()
+    parser.feed((out / "report.html").read_text())
+    return parser.cells
+
+
+def test_every_thesis_value_sits_in_its_cell(results, tmp_path):
+    cells = render(results, tmp_path / "report")
+    thesis = yaml.safe_load(THESIS.read_text())["tables"]
+    count = 0
+    for table in thesis:
+        for row in table["rows"]:
+            for column, cell in zip(table["columns"], row["cells"], strict=True):
+                got = cells[(table["id"], row["label"], column)]["thesis"][0]
+                if cell.get("thesis_text"):
+                    assert got == cell["thesis_text"]
+                elif cell.get("thesis") is None:
+                    assert got == "-"
+                else:
+                    assert got.startswith(str(cell["thesis"]))
+                count += 1
+    assert count == 27  # T1 4 + T2 6 + T3 9 (with the time row) + T4 4 + T5 4
+    assert cells[("T2", "Myrtle5", "Estimate")]["thesis"] == ["64.2 ± 0.3"]
+    assert cells[("T3", "Myrtle10", "Wide network")]["thesis"] == ["≤ 80"]
+    assert cells[("T3", "Time (Myrtle10 kernel)", "Analytic")]["thesis"] == ["≈ 200 h"]
+
+
+def test_our_values_differences_and_provenance(results, tmp_path):
+    cells = render(results, tmp_path / "report")
+    boosting = cells[("T1", "Myrtle10 Gaussian", "Boosting")]
+    assert boosting["ours"] == ["87.5"] and boosting["diff"] == ["difference -0.5"]
+    assert boosting["source"] == ["cifar10 · full · m10g · boosting"]
+    subsets = cells[("T2", "Myrtle5", "Estimate")]
+    assert subsets["ours"] == ["65.0 ± 1.0"] and subsets["diff"] == ["difference +0.8"]
+    assert "(3 runs)" in subsets["source"][0]
+    resnet = cells[("T4", "No augmentation", "ResNet18")]
+    assert resnet["ours"] == ["30.0"] and resnet["diff"] == ["difference -1.8"]
+    time = cells[("T3", "Time (Myrtle10 kernel)", "Estimate")]
+    assert time["ours"] == ["2 h"] and time["diff"] == ["difference -7 h"]
+    assert "NVIDIA H100" in time["source"][0]
+
+
+def test_digits_fills_a_shape_only_as_digits(results, tmp_path):
+    cells = render(results, tmp_path / "report")
+    analogue = cells[("T2", "Myrtle5", "Analytic")]
+    assert analogue["status"] == "analogue"
+    assert analogue["ours"] == ["95.0"] and analogue["badge"] == ["digits"]
+    assert analogue["diff"] == ["difference —"]  # no difference across datasets
+    assert analogue["source"][0].startswith("digits ·")
+
+
+def test_missing_results_say_not_run_and_name_the_target(results, tmp_path):
+    cells = render(results, tmp_path / "report")
+    flips = cells[("T1", "Myrtle10 Gaussian + flips", "Kernel ridge")]
+    assert flips["status"] == "not run" and "ours" not in flips
+    assert flips["notrun"] == [
+        "not run in this configuration: "
+        "snakemake --cores all --configfile config/thesis.yaml solvers"
+    ]
+    network = cells[("T3", "Myrtle10", "Wide network")]
+    assert network["notrun"][0].endswith("networks")
+    crop = cells[("T5", "With augmentation", "Myrtle15 kernel")]
+    assert crop["status"] == "missing" and "not implemented" in crop["notrun"][0]
+    for key, cell in cells.items():  # nothing is blank: a value, a reason, or no thesis value
+        assert "ours" in cell or "notrun" in cell or cell["status"] == "empty", key
+
+
+def test_markdown_html_and_figures(results, tmp_path):
+    out = tmp_path / "report"
+    render(results, out)
+    markdown = (out / "report.md").read_text()
+    assert "### T1. CIFAR-10, boosting vs kernel ridge" in markdown
+    assert "thesis 88.0<br>ours 87.5 (diff -0.5; cifar10 · full · m10g · boosting)" in markdown
+    assert "**[digits]**" in markdown and "not implemented" in markdown
+    html = (out / "report.html").read_text()
+    assert "<svg" in html  # inline figures, and nothing loaded from elsewhere:
+    assert "<link" not in html and "<script" not in html and "src=" not in html
+    assert (out / "figures/boosting.svg").exists() and (out / "figures/flow_vs_ridge.svg").exists()
+    assert "figures/boosting.svg" in markdown
+    assert "12.5" in html  # the benchmark file's wall time in the jobs table
+    assert "config sha256" in html and "NVIDIA H100" in html
+
+
+def test_rerendering_recomputes_nothing(results, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    render(results, tmp_path / "a")
+    render(results, tmp_path / "b")
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+    cells_a = (tmp_path / "a/report.md").read_text().split("## Timings")[0]
+    assert cells_a == (tmp_path / "b/report.md").read_text().split("## Timings")[0]
+
+
+def test_kernel_error_compares_each_estimate_with_its_analytic_kernel(tmp_path):
+    root = tmp_path / "results"
+    write(root / "data/digits/meta.json", dataset_meta("digits"))
+    exact = np.eye(4) * 0.5 + 0.5
+    for name, method, noise in [("a", "analytic", 0.0), ("e1", "estimate", 0.1),
+                                ("e2", "estimate", 0.05)]:  # fmt: skip
+        directory = root / f"kernels/digits/full/{name}"
+        write(
+            directory / "kernel.json",
+            {"method": method, "arch": "myrtle5", "activation": "relu", "flips": False,
+             "features": round(noise**-2) if noise else None, "settings": {"width": 8},
+             "seconds": {"total": 1.0}},
+        )  # fmt: skip
+        np.save(directory / "train.npy", exact + noise)
+    rows = sorted(kernel_errors(collect(root)), key=lambda r: r["features"])
+    assert [r["features"] for r in rows] == [100, 400]
+    expected = [noise * 4 / np.linalg.norm(exact) for noise in (0.1, 0.05)]
+    np.testing.assert_allclose([r["error"] for r in rows], expected, rtol=1e-12)
+    assert figure_kernel_error(collect(root)) is not None
+
+
+@pytest.mark.parametrize(
+    ("relative", "content", "message"),
+    [
+        ("solve/cifar10/full/m10g/flow/metrics.json", "{not json", "cannot read it as JSON"),
+        ("solve/cifar10/full/m10g/flow/metrics.json", '{"method": "flow"}', r"key\(s\) kernel"),
+        ("networks/tiny/resnet18/metrics.json", "[1, 2]", "expected a JSON object"),
+        ("benchmarks/solve/cifar10/full/m10g/flow.tsv", "garbage\n", "not a Snakemake benchmark"),
+    ],
+)
+def test_a_malformed_result_file_is_a_clear_error_naming_it(
+    results, tmp_path, capsys, relative, content, message
+):
+    (results / relative).write_text(content.replace("\\n", "\n"))
+    with pytest.raises(ReportError, match=message) as error:
+        render(results, tmp_path / "report")
+    assert relative in str(error.value)
+    assert not (tmp_path / "report/report.html").exists()
+    code = main(["report", "--results", str(results), "--out-dir", str(tmp_path / "cli"),
+                 "--thesis", str(THESIS), "--templates", str(TEMPLATES)])  # fmt: skip
+    assert code == 1 and relative in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+
+
+def test_report_cli_renders_from_existing_results(results, tmp_path, capsys):
+    code = main(["report", "--results", str(results), "--out-dir", str(tmp_path / "cli"),
+                 "--thesis", str(THESIS), "--templates", str(TEMPLATES),
+                 "--config-json", '{"datasets": {}}'])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["solves"] == 6 and summary["networks"] == 1
+    assert "boosting" in summary["figures"]
+    assert main(["report", "--results", str(results), "--out-dir", str(tmp_path / "x"),
+                 "--config-json", "{oops"]) == 1  # fmt: skip
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="headless Chromium is not installed (.ci/run installs it from Debian packages)",
+)
+def test_report_opens_in_headless_chromium(results, tmp_path):
+    assert CHROMIUM is not None, "CI must install chromium-headless-shell (see .ci/run)"
+    out = tmp_path / "report"
+    render(results, out)
+    url = (out / "report.html").as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600"]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+        check=True,
+    ).stdout  # fmt: skip
+    parser = CellParser()
+    parser.feed(dom)  # the DOM as Chromium built it, not our HTML text
+    assert {key[0] for key in parser.cells} == {"T1", "T2", "T3", "T4", "T5"}
+    assert parser.cells[("T1", "Myrtle10 Gaussian", "Boosting")]["ours"] == ["87.5"]
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120,
+        check=True,
+    )  # fmt: skip
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 1600)
+    # The top of the page shows the title and table T1: dark text and grey table
+    # headers on white, not a blank or error page.
+    histogram = np.asarray(image.crop((0, 0, 1200, 800)))
+    assert (histogram < 100).mean() > 0.005 and (histogram > 250).mean() > 0.5
+    assert ((histogram > 230) & (histogram < 250)).mean() > 0.01  # table header shading

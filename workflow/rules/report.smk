@@ -1,0 +1,29 @@
+# The report: every thesis table and timing beside ours, from the results of the run.
+# Re-render from existing (e.g. copied) results without Snakemake: neural-kernels report
+
+
+rule report:
+    input:
+        results=report_inputs(),
+        thesis="report/thesis.yaml",
+        templates=expand("report/templates/report.{kind}.j2", kind=["html", "md"]),
+    output:
+        "report/report.html",
+        "report/report.md",
+    log:
+        "results/logs/report/report.log",
+    benchmark:
+        "results/benchmarks/report/report.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        config=json.dumps(config, sort_keys=True),
+        templates=lambda wildcards, input: os.path.dirname(input.templates[0]),
+    shell:
+        "python -m neural_kernels report --results results --out-dir report"
+        " --thesis {input.thesis:q} --templates {params.templates:q}"
+        " --config-json {params.config:q} > {log:q} 2>&1"
