@@ -3,7 +3,7 @@
 Prints a table and writes JSON (default ``results/benchmarks/solvers.json``):
 
 * scaling: for N = 1024 ... 8192 training points of a 10-class synthetic problem
-  (sklearn ``make_classification``, RBF kernel, 1000 validation and 1000 test
+  (sklearn ``make_classification``, RBF kernel, 4000 validation and 4000 test
   points), the eigendecomposition gradient flow, kernel ridge regression and batched
   boosting at fixed M: wall time, peak memory (host RSS of a fresh process; device
   memory on a GPU), and the test accuracy of the validation-selected hyperparameter;
@@ -36,7 +36,7 @@ from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory
 from neural_kernels.solvers import boosting_path, flow_path, one_hot_targets, ridge_path
 from neural_kernels.solvers.stage import SolverSettings, solve_files
 
-EVAL = 1000
+EVAL = 4000  # validation and test points each (+-0.7 points of sampling noise)
 ETA_T = [1.0, 10.0, 100.0, 1e3, 1e4, 1e6]
 LAMBDAS = [1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-6]
 
@@ -75,15 +75,16 @@ def measure_one(method: str, n: int, batch_size: int, steps: int, device_arg: st
     points = []  # (seconds so far, val accuracy, test accuracy, hyperparameters)
     if method == "boosting":
         path = boosting_path(
-            kernel, targets, evals, batch_size=batch_size, steps=steps, eta_ts=[1e4],
+            kernel, targets, evals, batch_size=batch_size, steps=steps, eta_ts=ETA_T[:4],
             progress=False,
         )  # fmt: skip
-        for step, [scores] in path:
+        for step, scores in path:
             sync(device)
-            points.append(
-                (time.perf_counter() - started, accuracy(scores["val"], labels["val"]),
-                 accuracy(scores["test"], labels["test"]), {"step": step})
-            )  # fmt: skip
+            for eta_t, score in zip(ETA_T, scores, strict=False):
+                points.append(
+                    (time.perf_counter() - started, accuracy(score["val"], labels["val"]),
+                     accuracy(score["test"], labels["test"]), {"step": step, "eta_t": eta_t})
+                )  # fmt: skip
     else:
         path = flow_path if method == "flow" else ridge_path
         grid = ETA_T if method == "flow" else LAMBDAS
@@ -145,13 +146,29 @@ def digits_accuracy(kernels: Path, device: str) -> list[dict]:
     return rows
 
 
+def boosting_target(scaling: list[dict], batch_size: int) -> list[dict]:
+    """The issue's target at every N >= 8 M: boosting within 0.5 points of the flow's test
+    accuracy, reaching its selected step in at most a quarter of the flow's time."""
+    rows = []
+    for n in sorted({r["n"] for r in scaling if r["n"] >= 8 * batch_size}):
+        by_method = {r["method"]: r for r in scaling if r["n"] == n}
+        boost, full = by_method["boosting"], by_method["flow"]
+        gap = round(100 * (full["test_accuracy"] - boost["test_accuracy"]), 6)
+        ratio = boost["seconds_to_selected"] / full["seconds"]
+        rows.append(
+            {"n": n, "batch_size": batch_size, "accuracy_gap_points": gap,
+             "time_ratio": ratio, "met": gap <= 0.5 and ratio <= 0.25}
+        )  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/solvers.json"))
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--batch-size", type=int, default=512, help="boosting M")
-    parser.add_argument("--steps", type=int, default=12, help="boosting steps")
+    parser.add_argument("--steps", type=int, default=24, help="boosting steps")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -169,22 +186,7 @@ def main() -> None:
         for n in sizes
         for method in ("flow", "ridge", "boosting")
     ]
-    report["target"] = []
-    for n in sizes:
-        rows = {r["method"]: r for r in report["scaling"] if r["n"] == n}
-        if n < 8 * batch_size:
-            continue
-        boost, full = rows["boosting"], rows["flow"]
-        report["target"].append(
-            {
-                "n": n,
-                "batch_size": batch_size,
-                "accuracy_gap_points": 100 * (full["test_accuracy"] - boost["test_accuracy"]),
-                "time_ratio": boost["seconds_to_selected"] / full["seconds"],
-                "met": full["test_accuracy"] - boost["test_accuracy"] <= 0.005
-                and boost["seconds_to_selected"] <= full["seconds"] / 4,
-            }
-        )
+    report["target"] = boosting_target(report["scaling"], batch_size)
     report["digits"] = digits_accuracy(Path("results/kernels/digits/full"), args.device)
 
     print(f"device: {report['device']} ({report['threads']} threads)")
