@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from neural_kernels.cli import main
+from neural_kernels.kernels.compare import centred_relative_error
 from neural_kernels.report import render_report
 from neural_kernels.report.collect import ReportError, collect
 from neural_kernels.report.figures import figure_kernel_error, kernel_errors
@@ -217,21 +218,32 @@ def test_rerendering_recomputes_nothing(results, tmp_path):
 def test_kernel_error_compares_each_estimate_with_its_analytic_kernel(tmp_path):
     root = tmp_path / "results"
     write(root / "data/digits/meta.json", dataset_meta("digits"))
-    exact = np.eye(4) * 0.5 + 0.5
-    for name, method, noise in [("a", "analytic", 0.0), ("e1", "estimate", 0.1),
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(30, 5))
+    exact = features @ features.T + 3.0  # a large constant part, as Myrtle kernels have
+    noise = rng.normal(size=(30, 30))
+    noise = noise + noise.T
+    for name, method, scale in [("a", "analytic", 0.0), ("e1", "estimate", 0.1),
                                 ("e2", "estimate", 0.05)]:  # fmt: skip
         directory = root / f"kernels/digits/full/{name}"
         write(
             directory / "kernel.json",
             {"method": method, "arch": "myrtle5", "activation": "relu", "flips": False,
-             "features": round(noise**-2) if noise else None, "settings": {"width": 8},
+             "features": round(scale**-2) if scale else None, "settings": {"width": 8},
              "seconds": {"total": 1.0}},
         )  # fmt: skip
-        np.save(directory / "train.npy", exact + noise)
+        np.save(directory / "train.npy", exact + scale * noise)
     rows = sorted(kernel_errors(collect(root)), key=lambda r: r["features"])
     assert [r["features"] for r in rows] == [100, 400]
-    expected = [noise * 4 / np.linalg.norm(exact) for noise in (0.1, 0.05)]
+    centre = np.eye(30) - 1 / 30  # the dense definition, independent of the streamed one
+    expected = [
+        np.linalg.norm(centre @ (scale * noise) @ centre) / np.linalg.norm(centre @ exact @ centre)
+        for scale in (0.1, 0.05)
+    ]
     np.testing.assert_allclose([r["error"] for r in rows], expected, rtol=1e-12)
+    assert centred_relative_error(exact + 0.1 * noise, exact, block_rows=7) == pytest.approx(
+        expected[0], rel=1e-12
+    )
     assert figure_kernel_error(collect(root)) is not None
 
 

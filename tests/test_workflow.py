@@ -204,6 +204,10 @@ def test_default_run_prepares_and_whitens_digits(workdir):
         assert f'<table id="{table}"' in html and f"### {table}." in markdown
     # digits fills T2's Myrtle5 row, labelled as digits; the rest names its target
     assert "**[digits]**" in markdown and "config/thesis.yaml solvers" in markdown
+    # the two subset estimate sizes give the error-against-features figure a curve
+    assert 'id="figure-kernel_error"' in html and 'id="figure-boosting"' in html
+    small = workdir / "results/solve/digits/n200-seed0/myrtle5_estimate_small/flow/metrics.json"
+    assert json.loads(small.read_text())["kernel"]["features"] == 512
     assert (workdir / "results/benchmarks/report/report.tsv").exists()
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr

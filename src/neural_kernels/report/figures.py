@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from neural_kernels.kernels.compare import centred_relative_error  # noqa: E402
 from neural_kernels.report.collect import Results  # noqa: E402
 
 plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "figure.dpi": 100})
@@ -51,18 +52,6 @@ def _axes(xlabel: str, ylabel: str, logx: bool = False) -> tuple[plt.Figure, plt
     return fig, ax
 
 
-def relative_error(estimate: Path, analytic: Path, block_rows: int = 2048) -> float:
-    """``||K_est - K||_F / ||K||_F`` of two train kernels, read in row blocks."""
-    a = np.load(estimate, mmap_mode="r")
-    b = np.load(analytic, mmap_mode="r")
-    num = den = 0.0
-    for start in range(0, len(a), block_rows):
-        x, y = np.asarray(a[start : start + block_rows]), np.asarray(b[start : start + block_rows])
-        num += float(np.sum((x - y) ** 2))
-        den += float(np.sum(y**2))
-    return float(np.sqrt(num / den))
-
-
 def _kind(view: str) -> str:
     return "full" if view == "full" else re.sub(r"-seed\d+$", "", view)
 
@@ -84,7 +73,10 @@ def kernel_errors(results: Results) -> list[dict]:
         train = Path(k["path"]).with_name("train.npy")
         if np.load(train, mmap_mode="r").shape[0] > MAX_ERROR_ROWS:
             continue
-        error = relative_error(train, Path(reference["path"]).with_name("train.npy"))
+        error = centred_relative_error(
+            np.load(train, mmap_mode="r"),
+            np.load(Path(reference["path"]).with_name("train.npy"), mmap_mode="r"),
+        )
         rows.append(
             {"dataset": k["dataset"], "view": k["view"], "arch": k["arch"],
              "features": k.get("features"), "width": k["settings"].get("width"),
@@ -97,7 +89,7 @@ def figure_kernel_error(results: Results) -> Figure | None:
     rows = kernel_errors(results)
     if not rows:
         return None
-    fig, ax = _axes("random features F", "relative Frobenius error", logx=True)
+    fig, ax = _axes("random features F", "centred relative Frobenius error", logx=True)
     ax.set_yscale("log")
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -115,9 +107,9 @@ def figure_kernel_error(results: Results) -> Figure | None:
     return Figure(
         "kernel_error",
         "Estimated vs analytic kernel",
-        "Relative Frobenius error of the train kernel against the analytic kernel of the "
-        "same images (subsets averaged over seeds). Narrow networks level off at their "
-        "finite-width bias.",
+        "Relative Frobenius error of the doubly centred train kernel against the analytic "
+        "kernel of the same images (subsets averaged over seeds). Narrow networks level "
+        "off at their finite-width bias.",
         _svg(fig),
     )
 
