@@ -293,3 +293,20 @@ def test_solve_cli_runs_and_reports_errors(digits_problem, tmp_path, capsys):
     assert result["selected"]["eta_t"] == 1000.0 and result["test_accuracy"] > 0.8
     assert main([*args, str(tmp_path / "out2"), "--labels", "train"]) == 1
     assert "--labels takes NAME=PATH" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_solvers_match_cpu(digits_problem, tmp_path):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
+    for method in ("flow", "ridge", "boosting"):
+        settings = SolverSettings(method, batch_size=100, steps=3)
+        cpu, gpu = (
+            solve_files(
+                tmp_path / "kernel", labels, tmp_path / f"{method}-{device}", settings,
+                device=device, progress=False,
+            )
+            for device in ("cpu", "cuda")
+        )  # fmt: skip
+        assert gpu["device"] != "cpu"
+        for a, b in zip(cpu["grid"], gpu["grid"], strict=True):
+            assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.011)

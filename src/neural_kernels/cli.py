@@ -587,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out-dir", type=Path, required=True)
     p.set_defaults(handler=_cmd_train)
+
     p = sub.add_parser(
         "solve",
         help="kernel regression on a kernel directory: flow, ridge or boosting, selected on val",
@@ -614,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--out-dir", type=Path, required=True)
     p.set_defaults(handler=_cmd_solve)
+
     p = sub.add_parser(
         "report",
         help="render report.html and report.md from existing results (recomputes nothing)",
