@@ -9,7 +9,9 @@ points, and on every batch solves for the residual with the gradient-flow operat
 averages the batch solutions, ``alpha = (1/l) sum_j alpha_j`` (each ``alpha_j`` lives
 on its own batch's points, so ``alpha`` is an ``N x C`` matrix), and updates
 ``F(z) <- F(z) + K(z, X) alpha``. The averaging is the damping of an additive Schwarz
-iteration: the error of ``F`` shrinks in the kernel's norm at every step. A step costs
+iteration: each batch's operator is a self-adjoint contraction in the kernel's norm, so
+their mean is one too and the error of ``F`` (towards an interpolant of ``Y``) never
+grows in that norm. A step costs
 ``l`` eigendecompositions of ``M x M`` blocks (``O(N M^2)``) plus one pass over the
 kernel rows for the update (``O(N^2 C)``); the full ``N x N`` kernel is never factorised.
 With ``M >= N`` one step is exactly the gradient flow.
