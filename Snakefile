@@ -12,8 +12,12 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# The embedded default, unless --configfile names configs: they replace it (Snakemake
+# would merge them into it), so a complete config such as config/thesis.yaml runs
+# exactly what it lists.
+if not workflow.overwrite_configfiles:
 
-configfile: "config/config.yaml"
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from neural_kernels.errors import NeuralKernelsError
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", stage: str | None = None) -> torch.device:
     """``"auto"`` -> the first CUDA device if there is one, else the CPU.
 
     ``"cuda"`` without a GPU is an error rather than a silent fallback, so a cluster
-    job that asked for a GPU and did not get one fails loudly.
+    job that asked for a GPU and did not get one fails loudly. With ``stage`` (a
+    stage's name), one log line says which device the stage runs on, and why when
+    ``"auto"`` fell back to the CPU.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NeuralKernelsError(
-            f"device {name!r} was requested but torch sees no CUDA GPU; use 'auto' or 'cpu'"
-        )
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise NeuralKernelsError(
+                f"device {name!r} was requested but torch sees no CUDA GPU; use 'auto' or 'cpu'"
+            )
+    if stage is not None:
+        fallback = name == "auto" and device.type == "cpu"
+        why = " (device auto: torch sees no CUDA GPU)" if fallback else ""
+        log.info("%s runs on %s%s", stage, device_name(device), why)
     return device
 
 

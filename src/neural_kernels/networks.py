@@ -578,7 +578,7 @@ def train_network(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     started = time.perf_counter()
-    run_device = resolve_device(device)
+    run_device = resolve_device(device, stage=f"train {settings.model}")
     meta = load_meta(data_dir)
     shape = tuple(meta["image_shape"])
     augment = Augmentation(settings.crop, settings.flip)

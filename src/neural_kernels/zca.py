@@ -365,7 +365,7 @@ def whiten_files(
         raise NeuralKernelsError(
             f"input file names must differ (outputs are named after them): {names}"
         )
-    run_device = resolve_device(device)
+    run_device = resolve_device(device, stage="zca")
     work_dtype = resolve_dtype(dtype)
     reset_peak_memory(run_device)
     arrays = []

@@ -2,6 +2,7 @@
 # rules call `python -m neural_kernels <stage>`; file layouts come from the package.
 
 import json
+import math
 import os
 
 from snakemake.utils import validate
@@ -340,3 +341,36 @@ def report_inputs():
         + solve_targets()
         + network_targets()
     )
+
+
+# What a job asks a cluster for (workflow/profiles/slurm). A local run is limited by
+# --cores only (and by --resources, e.g. gpu=1 in workflow/profiles/local): mem_mb,
+# runtime and gpu do not stop a laptop without a GPU, where device 'auto' is the CPU.
+GPU_JOB_THREADS = 8  # host cores of a GPU job: reading memory maps, feeding the GPU
+CPU_JOB_THREADS = 32  # cores of a job pinned to the CPU (device: cpu): BLAS and LAPACK
+
+
+def job_device(wildcards):
+    """The configured device of a GPU-capable job: its network, solver, kernel or ZCA."""
+    if "network" in wildcards.keys():
+        return NETWORKS[wildcards.network]["device"]
+    if "solver" in wildcards.keys():
+        return SOLVERS[wildcards.solver]["device"]
+    if "kernel" in wildcards.keys():
+        return KERNELS[wildcards.kernel]["device"]
+    return zca_settings(wildcards.dataset)["device"]
+
+
+def job_gpus(wildcards):
+    """GPUs of a GPU-capable job: 1 (the CPU runs it where none is present), 0 on 'cpu'."""
+    return 0 if job_device(wildcards) == "cpu" else 1
+
+
+def job_threads(wildcards):
+    """Cores of a GPU-capable job: a few beside a GPU, many when pinned to the CPU."""
+    return GPU_JOB_THREADS if job_gpus(wildcards) else CPU_JOB_THREADS
+
+
+def solve_mem_mb(wildcards, input):
+    """Host memory of a solve: 4x its kernel files (kernel, eigenvectors, workspace)."""
+    return max(16000, math.ceil(4 * input.size_mb))

@@ -1,4 +1,9 @@
 # Datasets: download (checksum-verified) -> prepared train/val/test .npy -> subsets.
+# On a cluster, downloads run where snakemake runs (compute nodes are often offline).
+
+
+localrules:
+    download_archive,
 
 
 rule download_archive:

@@ -1,5 +1,7 @@
 # Myrtle kernels of the whitened images: estimated from random networks (sharded,
 # then merged) or computed exactly (analytic). Layout: see neural_kernels.kernels.stage.
+# An analytic job outlasting its time limit (full CIFAR-10: hundreds of GPU-hours)
+# resumes from its finished blocks when rerun (or retried: the slurm profile's retries).
 
 
 rule kernel_estimate_shard:
@@ -20,10 +22,11 @@ rule kernel_estimate_shard:
         kernel=methods("estimate"),
     conda:
         CONDA_ENV
-    threads: 2
+    threads: job_threads
     resources:
-        mem_mb=16000,
-        runtime=240,
+        mem_mb=32000,
+        runtime=480,
+        gpu=job_gpus,
     params:
         args=estimate_args,
         out=output_dir,
@@ -49,8 +52,8 @@ rule kernel_merge:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=32000,
+        runtime=240,
     params:
         shards=kernel_shard_dirs,
         out=output_dir,
@@ -74,10 +77,11 @@ rule kernel_analytic:
         kernel=methods("analytic"),
     conda:
         CONDA_ENV
-    threads: 2
+    threads: job_threads
     resources:
-        mem_mb=16000,
-        runtime=600,
+        mem_mb=32000,
+        runtime=1440,
+        gpu=job_gpus,
     params:
         args=analytic_args,
         out=output_dir,

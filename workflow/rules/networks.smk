@@ -15,10 +15,11 @@ rule train_network:
         "results/benchmarks/train_network/{dataset}/{network}.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: job_threads
     resources:
-        mem_mb=16000,
+        mem_mb=32000,
         runtime=720,
+        gpu=job_gpus,
     params:
         args=network_args,
         data=input_dir,

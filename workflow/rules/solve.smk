@@ -14,10 +14,11 @@ rule solve:
         "results/benchmarks/solve/{dataset}/{view}/{kernel}/{solver}.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: job_threads
     resources:
-        mem_mb=16000,
-        runtime=240,
+        mem_mb=solve_mem_mb,
+        runtime=720,
+        gpu=job_gpus,
     params:
         args=solve_args,
         out=output_dir,

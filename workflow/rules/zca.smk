@@ -14,10 +14,11 @@ rule zca_whiten:
         "results/benchmarks/zca_whiten/{dataset}.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: job_threads
     resources:
-        mem_mb=16000,
-        runtime=120,
+        mem_mb=32000,
+        runtime=240,
+        gpu=job_gpus,
     params:
         args=zca_args,
         out=output_dir,

@@ -149,7 +149,7 @@ def estimate_shard(
     net = myrtle(arch, activation, gamma)
     chunks = settings.shard_chunks(shard, shards)
     rows, eval_rows = _inputs(train, evals, train_indices, flips)
-    run_device = resolve_device(device)
+    run_device = resolve_device(device, stage=f"kernel-shard {shard + 1}/{shards}")
     reset_peak_memory(run_device)
     started = time.perf_counter()
     with staged_directory(Path(out_dir), last=SHARD_META) as stage:
@@ -308,7 +308,7 @@ def analytic_files(
     """
     net = myrtle(arch, activation, gamma)
     rows, eval_rows = _inputs(train, evals, train_indices, flips)
-    run_device = resolve_device(device)
+    run_device = resolve_device(device, stage="kernel-analytic")
     block_size = block_size or auto_block_size(*rows.shape[1:3], run_device)
     reset_peak_memory(run_device)
     record = {

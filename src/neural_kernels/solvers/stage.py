@@ -185,7 +185,7 @@ def solve_files(
     started = time.perf_counter()
     record, blocks, ys = load_problem(kernel_dir, labels)
     num_classes = int(max(y.max(initial=0) for y in ys.values())) + 1
-    run_device = resolve_device(device)
+    run_device = resolve_device(device, stage=f"solve ({settings.method})")
     reset_peak_memory(run_device)
     targets = torch.from_numpy(one_hot_targets(ys["train"], num_classes)).to(run_device)
     loaded = time.perf_counter()
