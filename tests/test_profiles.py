@@ -228,7 +228,7 @@ def test_thesis_config_sizes_shards_to_the_gpu_assumption():
     Convolution FLOPs per image of each random network, at an assumed 40 TFLOP/s on one
     80 GB GPU, with the passes that the estimate's accumulator planner makes there.
     """
-    from neural_kernels.architectures import MYRTLE_STAGES
+    from neural_kernels.catalog import MYRTLE_STAGES
     from neural_kernels.kernels.estimate import _passes, _row_tiles
 
     config = thesis_config()

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from snakemake.utils import validate
+from snakemake_interface_common.exceptions import WorkflowError
 
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels.data import load_meta
@@ -93,6 +95,7 @@ def test_dry_run_resolves_default_dag(workdir):
         ({"datasets": {"d": {"source": "digits"}}, "zca": {"variant": "pca"}}, "variant"),
         ({"datasets": {"d": {"source": "digits", "zca": {"rnak": 3}}}}, "rnak"),
         ({"datasets": {"d": {"source": "digits"}}, "zca": {"device": "tpu"}}, "device"),
+        ({"datasets": {"d": {"source": "digits"}}, "threads": {"gpu_job": 0}}, "gpu_job"),
         (
             {
                 "datasets": {"d": {"source": "digits"}},
@@ -127,13 +130,19 @@ def test_dry_run_resolves_default_dag(workdir):
         ),
     ],
 )
-def test_schema_rejects_bad_config_naming_the_key(workdir, config, names):
-    bad = write_config(workdir / "bad.yaml", config)
-    result = snakemake(workdir, "-n", "--configfile", str(bad))
+def test_schema_rejects_bad_config_naming_the_key(config, names):
+    """The schema that common.smk validates every config against (in process: fast)."""
+    with pytest.raises(WorkflowError, match="Error validating config") as error:
+        validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
+    assert names in str(error.value)
+
+
+def test_bad_config_stops_the_workflow_before_any_output(workdir):
+    bad = {"datasets": {"digits": {"source": "digits", "val_fracton": 0.1}}}
+    result = snakemake(workdir, "--configfile", str(write_config(workdir / "bad.yaml", bad)))
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "Error validating config" in output
-    assert names in output
+    assert "Error validating config" in output and "val_fracton" in output
     assert not (workdir / "results").exists()
 
 

@@ -27,21 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neural_kernels.catalog import ACTIVATIONS, MYRTLE_STAGES
 from neural_kernels.errors import NeuralKernelsError
 
 Tensor = torch.Tensor
 
-#: Convolutions per stage (a 2x2 average pool between stages, a global one at the end).
-#: Myrtle5/7/10 are Shankar et al.'s; Myrtle11 (64x64) and Myrtle15 (224x224) are this
-#: project's reconstruction: the thesis names them without defining them.
-MYRTLE_STAGES: dict[str, tuple[int, ...]] = {
-    "myrtle5": (2, 1, 1),
-    "myrtle7": (2, 2, 2),
-    "myrtle10": (3, 3, 3),
-    "myrtle11": (3, 3, 3, 1),
-    "myrtle15": (3, 3, 3, 2, 2, 1),
-}
-ACTIVATIONS = ("relu", "gaussian")
 _TINY = 1e-30
 _TINY_STD = 1e-150  # so that products of standard deviations stay positive
 

@@ -253,7 +253,7 @@ def _named_path(item: str, option: str) -> tuple[str, Path]:
 
 
 def _add_architecture(p: argparse.ArgumentParser) -> None:
-    from neural_kernels.architectures import ACTIVATIONS, MYRTLE_STAGES
+    from neural_kernels.catalog import ACTIVATIONS, MYRTLE_STAGES
 
     p.add_argument("--arch", choices=sorted(MYRTLE_STAGES), required=True)
     p.add_argument("--activation", choices=ACTIVATIONS, default="relu")
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_kernel_analytic)
 
-    from neural_kernels.architectures import ACTIVATIONS, MYRTLE_STAGES
+    from neural_kernels.catalog import ACTIVATIONS, MYRTLE_STAGES
 
     p = sub.add_parser(
         "train",

@@ -44,7 +44,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from neural_kernels import __version__
-from neural_kernels.architectures import ACTIVATIONS, MYRTLE_STAGES, Conv, Gaussian, myrtle
+from neural_kernels.architectures import Conv, Gaussian, myrtle
+from neural_kernels.catalog import ACTIVATIONS, MYRTLE_STAGES
 from neural_kernels.data.prepared import load_meta, load_split
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError

@@ -346,8 +346,6 @@ def report_inputs():
 # What a job asks a cluster for (workflow/profiles/slurm). A local run is limited by
 # --cores only (and by --resources, e.g. gpu=1 in workflow/profiles/local): mem_mb,
 # runtime and gpu do not stop a laptop without a GPU, where device 'auto' is the CPU.
-GPU_JOB_THREADS = 8  # host cores of a GPU job: reading memory maps, feeding the GPU
-CPU_JOB_THREADS = 32  # cores of a job pinned to the CPU (device: cpu): BLAS and LAPACK
 
 
 def job_device(wildcards):
@@ -367,8 +365,8 @@ def job_gpus(wildcards):
 
 
 def job_threads(wildcards):
-    """Cores of a GPU-capable job: a few beside a GPU, many when pinned to the CPU."""
-    return GPU_JOB_THREADS if job_gpus(wildcards) else CPU_JOB_THREADS
+    """Cores of a GPU-capable job (config 'threads'): a few beside a GPU, many on the CPU."""
+    return config["threads"]["gpu_job" if job_gpus(wildcards) else "cpu_job"]
 
 
 def solve_mem_mb(wildcards, input):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.model_selection import train_test_split
 
 from neural_kernels.errors import DataError
 
@@ -19,6 +18,8 @@ def stratified_holdout(
     """
     if not 0.0 < fraction < 1.0:
         raise DataError(f"a held-out fraction must lie strictly between 0 and 1, got {fraction}")
+    from sklearn.model_selection import train_test_split  # lazily: a second to import
+
     indices = np.arange(len(labels), dtype=np.int64)
     try:
         kept, held = train_test_split(
