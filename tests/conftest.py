@@ -1,16 +1,19 @@
-"""Shared fixtures: a loopback HTTP server that behaves like the archive hosts."""
+"""Shared fixtures: a loopback HTTP server like the archive hosts, a workflow copy."""
 
 from __future__ import annotations
 
 import collections
 import http.server
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -76,3 +79,19 @@ def archive_server(tmp_path: Path) -> Iterator[ArchiveServer]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def copy_workflow(root: Path) -> Path:
+    """A copy of the workflow (Snakefile, workflow/, config/, report inputs) in ``root``."""
+    shutil.copy(REPO / "Snakefile", root / "Snakefile")
+    shutil.copytree(REPO / "workflow", root / "workflow")
+    shutil.copytree(REPO / "config", root / "config")
+    shutil.copytree(REPO / "report/templates", root / "report/templates")
+    shutil.copy(REPO / "report/thesis.yaml", root / "report/thesis.yaml")
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow to run snakemake in, isolated from the repository."""
+    return copy_workflow(tmp_path)

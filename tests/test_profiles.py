@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
+from conftest import copy_workflow
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels.data.sources import ARCHIVES
 from neural_kernels.device import resolve_device
@@ -36,21 +36,6 @@ LOCAL = "workflow/profiles/local"
 GPU_RULES = {"zca_whiten", "kernel_estimate_shard", "kernel_analytic", "solve", "train_network"}
 CPU_RULES = {"download_archive", "prepare_dataset", "subset", "kernel_merge", "report"}
 SLURM_ENV = ("NK_SLURM_ACCOUNT", "NK_SLURM_PARTITION", "SNAKEMAKE_SLURM_PARTITIONS")
-
-
-def copy_workflow(root: Path) -> Path:
-    """A copy of the workflow (Snakefile, workflow/, config/, report inputs) in ``root``."""
-    shutil.copy(REPO / "Snakefile", root / "Snakefile")
-    shutil.copytree(REPO / "workflow", root / "workflow")
-    shutil.copytree(REPO / "config", root / "config")
-    shutil.copytree(REPO / "report/templates", root / "report/templates")
-    shutil.copy(REPO / "report/thesis.yaml", root / "report/thesis.yaml")
-    return root
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return copy_workflow(tmp_path)
 
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

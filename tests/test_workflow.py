@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +26,6 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "snakemake", "--cores", "2", *args],
         cwd=workdir, capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    """A copy of the workflow (Snakefile, workflow/, config/) to run in isolation."""
-    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
-    shutil.copytree(REPO / "workflow", tmp_path / "workflow")
-    shutil.copytree(REPO / "config", tmp_path / "config")
-    shutil.copytree(REPO / "report/templates", tmp_path / "report/templates")
-    shutil.copy(REPO / "report/thesis.yaml", tmp_path / "report/thesis.yaml")
-    return tmp_path
 
 
 def write_config(path: Path, config: dict) -> Path:
