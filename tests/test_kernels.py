@@ -24,8 +24,8 @@ from neural_kernels.architectures import (
 )
 from neural_kernels.cli import main
 from neural_kernels.errors import NeuralKernelsError
-from neural_kernels.kernels import stage
-from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
+from neural_kernels.kernels import analytic, stage
+from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size, l2_cache_bytes
 from neural_kernels.kernels.estimate import EstimateSettings, estimate_kernel
 from neural_kernels.kernels.stage import ImageRows, analytic_files, estimate_shard, merge_shards
 
@@ -92,16 +92,24 @@ def test_cross_kernel_block_size_and_precision(digits):
     np.testing.assert_allclose(mixed, cross, atol=1e-6)
 
 
-def test_auto_block_size_fits_the_cache_and_gives_the_same_kernel(digits):
+def test_auto_block_size_fits_the_cache_and_gives_the_same_kernel(digits, monkeypatch):
+    monkeypatch.setattr(analytic, "l2_cache_bytes", lambda: 2**21)
     assert auto_block_size(8, 8, CPU) == 8  # 64 pairs x 8^4 entries = 2 MiB of float64
+    assert auto_block_size(8, 8, CPU, "mixed") == 11  # 121 x 8^4 float32 entries < 2 MiB
     assert auto_block_size(32, 32, CPU) == 1
-    assert auto_block_size(32, 32, torch.device("cuda")) == 16
+    assert auto_block_size(32, 32, torch.device("cuda")) == 16  # 2 GiB of float64
+    monkeypatch.setattr(analytic, "l2_cache_bytes", lambda: 2**20)
+    assert auto_block_size(8, 8, CPU) == 5
     net, x = myrtle("myrtle5"), digits[:21].astype(np.float64)
     np.testing.assert_allclose(
         analytic_kernel(net, x, progress=False),
         analytic_kernel(net, x, block_size=21, progress=False),
         rtol=1e-13,
     )
+
+
+def test_l2_cache_size_is_read_or_defaulted():
+    assert 2**15 <= l2_cache_bytes() <= 2**26  # 32 KiB to 64 MiB: a plausible L2
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

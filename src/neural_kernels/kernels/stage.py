@@ -309,7 +309,7 @@ def analytic_files(
     net = myrtle(arch, activation, gamma)
     rows, eval_rows = _inputs(train, evals, train_indices, flips)
     run_device = resolve_device(device, stage="kernel-analytic")
-    block_size = block_size or auto_block_size(*rows.shape[1:3], run_device)
+    block_size = block_size or auto_block_size(*rows.shape[1:3], run_device, precision)
     reset_peak_memory(run_device)
     record = {
         "method": "analytic",
