@@ -337,6 +337,38 @@ def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_
     assert not (tmp_path / ".out.resume").exists()
 
 
+def test_resumed_run_keeps_its_automatic_block_size(split_files, tmp_path, monkeypatch):
+    """A retry on a host with another cache (or a GPU) keeps the finished blocks."""
+    kwargs = dict(arch="myrtle5", progress=False, device="cpu")
+    evals = {"val": split_files["val"]}
+    monkeypatch.setattr(stage, "auto_block_size", lambda *args: 4)
+    calls = {"n": 0}
+    original = Serial.cross_kernel
+
+    def failing(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(Serial, "cross_kernel", failing)
+    with pytest.raises(KeyboardInterrupt):
+        analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+    monkeypatch.setattr(stage, "auto_block_size", lambda *args: 7)  # the "other host"
+    calls["n"] = -1000
+    record = analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+    assert record["settings"]["block_size"] == 4
+    assert calls["n"] + 1000 == 6 * 7 // 2 + 2 * 6 - 9  # only the unfinished blocks
+    fresh = analytic_files(split_files["train"], evals, tmp_path / "fresh", **kwargs)
+    assert fresh["settings"]["block_size"] == 7  # no resume: this host's choice
+    for name in ("train", "val"):
+        np.testing.assert_allclose(
+            np.load(tmp_path / "out" / f"{name}.npy"),
+            np.load(tmp_path / "fresh" / f"{name}.npy"),
+            rtol=1e-12,
+        )
+
+
 def test_killed_shard_is_recomputed_on_rerun(split_files, tmp_path):
     out = tmp_path / "shard"
     command = [

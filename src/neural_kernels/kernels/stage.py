@@ -309,6 +309,14 @@ def analytic_files(
     net = myrtle(arch, activation, gamma)
     rows, eval_rows = _inputs(train, evals, train_indices, flips)
     run_device = resolve_device(device, stage="kernel-analytic")
+    out_dir = Path(out_dir)
+    scratch = out_dir.parent / f".{out_dir.name}.resume"
+    # An automatic block size depends on the host (its L2 cache, CPU or GPU): a resumed
+    # run keeps the one its finished blocks were computed with, wherever it now runs.
+    auto_file = scratch / "auto_block_size"
+    if block_size is None and auto_file.exists():
+        block_size = int(auto_file.read_text())
+    auto = block_size is None
     block_size = block_size or auto_block_size(*rows.shape[1:3], run_device, precision)
     reset_peak_memory(run_device)
     record = {
@@ -320,8 +328,6 @@ def analytic_files(
         "settings": {"block_size": block_size, "precision": precision},
         "inputs": _describe(rows, eval_rows),
     }
-    out_dir = Path(out_dir)
-    scratch = out_dir.parent / f".{out_dir.name}.resume"
     key = _resume_key(record)
     key_file = scratch / "key"
     if scratch.exists() and (not key_file.exists() or key_file.read_text() != key):
@@ -329,6 +335,8 @@ def analytic_files(
     fresh = not scratch.exists()
     scratch.mkdir(parents=True, exist_ok=True)
     key_file.write_text(key)
+    if auto:
+        auto_file.write_text(str(block_size))
     started = time.perf_counter()
     seconds = {}
     pairs = 0
