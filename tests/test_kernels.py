@@ -130,6 +130,38 @@ def test_gaussian_map_is_exp_of_correlation():
     assert got == pytest.approx(1.0 * math.exp(0.5 * (0.3 - 1.0)), rel=1e-14)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gaussian"])
+def test_final_projection_finite_layer_tends_to_its_map(activation):
+    # Two pooled feature vectors with cosine r; a dense layer + nonlinearity of a growing
+    # output width: the mean product of its outputs tends to f(r) (relu_project or
+    # exp(gamma (r - 1))), the map the analytic kernel and the estimate apply.
+    final = myrtle("myrtle5", activation, gamma=0.7).final
+    generator = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(32, generator=generator, dtype=torch.float64),
+        torch.randn(32, generator=generator, dtype=torch.float64),
+    )
+    for mix in (0.2, 0.6, 0.95):
+        y = mix * a + (1 - mix) * b
+        x = torch.stack([3.0 * a, 0.5 * y]).reshape(2, 32, 1, 1)  # scales must not matter
+        r = torch.nn.functional.cosine_similarity(a, y, dim=0)
+        expected = final.of_correlation(r.reshape(1)).item()
+        errors = []
+        for width in (64, 200_000):
+            params = final.init(generator, 32, 1, width, False)
+            params = tuple(None if p is None else p.double() for p in params)
+            out = final.apply(x, params).reshape(2, width)
+            errors.append(abs((out[0] @ out[1]).item() / width - expected))
+        assert errors[1] < 0.01, (mix, errors)
+    # relu_project at a few cosines, written out; exp(gamma (r - 1)) for the Gaussian.
+    r = torch.tensor([-1.0, -0.3, 0.0, 0.5, 1.0], dtype=torch.float64)
+    if activation == "relu":
+        expected = (torch.sqrt(1 - r**2) + r * (math.pi - torch.acos(r))) / math.pi
+    else:
+        expected = torch.exp(0.7 * (r - 1))
+    torch.testing.assert_close(final.of_correlation(r.clone()), expected, rtol=1e-14, atol=1e-15)
+
+
 def centred_error(estimate: np.ndarray, exact: np.ndarray) -> float:
     """Relative Frobenius error of the doubly centred kernels (the part that classifies)."""
     n = len(exact)
@@ -306,6 +338,44 @@ def test_flips_double_train_rows_only(split_files, tmp_path):
         progress=False,
     )
     np.testing.assert_allclose(train[10:, 10:], direct, rtol=1e-12)
+
+
+def test_val_rows_join_the_fitted_block_after_train_and_its_mirrors(split_files, tmp_path):
+    # The refit layout: one symmetric block over train, train mirrors, val, val mirrors,
+    # and the test rows against all of them; kernel.json says which rows are which.
+    train, val = np.load(split_files["train"]), np.load(split_files["val"])
+    stacked = np.concatenate([train, train[:, :, ::-1], val, val[:, :, ::-1]])
+    inputs = (split_files["train"], {"test": split_files["test"]})
+    analytic_files(*inputs, tmp_path / "an", arch="myrtle5", flips=True, val=split_files["val"])
+    record = json.loads((tmp_path / "an" / "kernel.json").read_text())
+    assert record["inputs"]["train"]["layout"] == [
+        {"split": "train", "start": 0, "stop": 24, "mirrored": False},
+        {"split": "train", "start": 24, "stop": 48, "mirrored": True},
+        {"split": "val", "start": 48, "stop": 54, "mirrored": False},
+        {"split": "val", "start": 54, "stop": 60, "mirrored": True},
+    ]
+    assert sorted(p.name for p in (tmp_path / "an").iterdir()) == [
+        "kernel.json", "test.npy", "train.npy"
+    ]  # fmt: skip
+    net = myrtle("myrtle5")
+    direct = analytic_kernel(net, stacked.astype(np.float64), progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "an" / "train.npy"), direct, atol=1e-12)
+    test = np.load(split_files["test"]).astype(np.float64)
+    cross = analytic_kernel(net, stacked.astype(np.float64), test, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "an" / "test.npy"), cross, atol=1e-12)
+    # The estimate's shards stack the same rows: equal to the estimate of the stacked set.
+    kwargs = dict(arch="myrtle5", settings=SETTINGS, flips=True, progress=False, device="cpu")
+    estimate_shard(*inputs, tmp_path / "s0", val=split_files["val"], **kwargs)
+    merge_shards([tmp_path / "s0"], tmp_path / "est")
+    whole = estimate_kernel(net, stacked, settings=SETTINGS, device=CPU, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "est" / "train.npy"), whole, atol=1e-6)
+    merged = json.loads((tmp_path / "est" / "kernel.json").read_text())
+    assert merged["inputs"]["train"]["layout"] == record["inputs"]["train"]["layout"]
+    with pytest.raises(NeuralKernelsError, match="either fitted"):
+        analytic_files(
+            split_files["train"], {"val": split_files["val"]}, tmp_path / "bad",
+            arch="myrtle5", val=split_files["val"], progress=False,
+        )  # fmt: skip
 
 
 def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_path, monkeypatch):

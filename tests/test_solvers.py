@@ -39,14 +39,21 @@ def random_psd(n: int, rank: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def digits_problem() -> dict:
-    """An RBF kernel on 600 digits split 400 / 100 / 100 (unit diagonal; about 85% test)."""
+    """An RBF kernel on 600 digits split 400 / 100 / 100 (unit diagonal; about 85% test).
+
+    ``train``/``val``/``test``: the blocks against the 400 train rows (a subset's
+    layout); ``fit``/``fit_test``: the symmetric train + val block and test against it
+    (the refit layout of a full split).
+    """
     data = load_digits()
     x, y = data.data[:600] / 16.0, data.target[:600]
-    k = rbf_kernel(x, x[:400], gamma=0.05)
+    k = rbf_kernel(x, x[:500], gamma=0.05)
     return {
-        "train": k[:400],
-        "val": k[400:500],
-        "test": k[500:],
+        "train": k[:400, :400],
+        "val": k[400:500, :400],
+        "test": k[500:, :400],
+        "fit": k[:500],
+        "fit_test": k[500:],
         "y": {"train": y[:400], "val": y[400:500], "test": y[500:]},
     }
 
@@ -159,6 +166,24 @@ def test_boosting_training_error_decreases_and_reaches_the_full_solve(digits_pro
     assert val_accuracy[-1] >= full_accuracy - 0.02
 
 
+def test_boosting_yields_each_steps_own_predictions(digits_problem):
+    # Collected with list(), every step keeps its own values (copies, not views of the
+    # buffers that later steps update): equal to a fresh run stopped at that step.
+    p = digits_problem
+    targets = t(one_hot_targets(p["y"]["train"], 10))
+    kwargs = dict(batch_size=100, eta_ts=[10.0, 1e3], seed=2, progress=False)
+    path = list(boosting_path(p["train"], targets, {"val": p["val"]}, steps=3, **kwargs))
+    assert [step for step, _ in path] == [1, 2, 3]
+    assert not torch.equal(path[0][1][0]["train"], path[2][1][0]["train"])
+    for steps in (1, 2):
+        *_, (_, fresh) = boosting_path(
+            p["train"], targets, {"val": p["val"]}, steps=steps, **kwargs
+        )
+        for kept, again in zip(path[steps - 1][1], fresh, strict=True):
+            for split in ("train", "val"):
+                torch.testing.assert_close(kept[split], again[split], rtol=0, atol=0)
+
+
 def test_boosting_streams_a_memory_map_like_a_tensor(digits_problem, tmp_path):
     p = digits_problem
     np.save(tmp_path / "k.npy", p["train"])
@@ -192,11 +217,39 @@ def test_one_hot_targets_rejects_bad_labels():
         one_hot_targets(np.array([0, 3]), 3)
 
 
-def write_kernel_dir(path: Path, problem: dict, flips: bool = False) -> dict[str, Path]:
+def layout(counts: dict[str, int], flips: bool) -> list[dict]:
+    """kernel.json's row layout: each split's rows, then their mirrors with flips."""
+    segments, start = [], 0
+    for split, count in counts.items():
+        for mirrored in (False, True) if flips else (False,):
+            segments.append(
+                {"split": split, "start": start, "stop": start + count, "mirrored": mirrored}
+            )
+            start += count
+    return segments
+
+
+def write_kernel_dir(
+    path: Path, problem: dict, flips: bool = False, refit: bool = False
+) -> dict[str, Path]:
+    """A kernel directory: the subset layout (val an eval block) or, with ``refit``, the
+    full layout (val rows in the symmetric block after the train rows)."""
     path.mkdir(parents=True)
-    for split in ("train", "val", "test"):
-        np.save(path / f"{split}.npy", problem[split])
-    (path / "kernel.json").write_text(json.dumps({"method": "analytic", "flips": flips}))
+    counts = {"train": len(problem["y"]["train"])}
+    if refit:
+        counts["val"] = len(problem["y"]["val"])
+        np.save(path / "train.npy", problem["fit"])
+        np.save(path / "test.npy", problem["fit_test"])
+    else:
+        for split in ("train", "val", "test"):
+            np.save(path / f"{split}.npy", problem[split])
+    rows = layout(counts, flips)
+    record = {
+        "method": "analytic",
+        "flips": flips,
+        "inputs": {"train": {"rows": rows[-1]["stop"], "layout": rows}},
+    }
+    (path / "kernel.json").write_text(json.dumps(record))
     labels = {}
     for split in ("train", "val", "test"):
         labels[split] = path.parent / f"{split}_labels.npy"
@@ -204,11 +257,12 @@ def write_kernel_dir(path: Path, problem: dict, flips: bool = False) -> dict[str
     return labels
 
 
+@pytest.mark.parametrize("refit", [False, True])
 @pytest.mark.parametrize("method", ["flow", "ridge", "boosting"])
 def test_solve_files_selects_on_validation_and_records_best_on_test(
-    digits_problem, tmp_path, method
+    digits_problem, tmp_path, method, refit
 ):
-    labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem, refit=refit)
     settings = SolverSettings(method, batch_size=100, steps=4)
     record = solve_files(tmp_path / "kernel", labels, tmp_path / "out", settings, progress=False)
     grid = [point for point in record["grid"] if "accuracy" in point]
@@ -244,13 +298,72 @@ def test_solve_files_doubles_train_labels_with_flips(digits_problem, tmp_path):
     record = solve_files(
         tmp_path / "kernel", labels, tmp_path / "out", SolverSettings("ridge"), progress=False
     )
-    assert record["sizes"]["train"] == 800 and record["test_accuracy"] > 0.8
+    assert record["sizes"]["train"] == 400 and record["test_accuracy"] > 0.8
+    assert record["training_size"] == {"images": 400, "rows": 800, "splits": ["train"]}
+    assert not record["refit"]
+
+
+def test_refit_uses_the_validation_rows(digits_problem, tmp_path):
+    # The full-split layout: one symmetric block over train + val. Selection fits the
+    # 400 train rows and scores val; the headline refits the selected eta t on all 500
+    # rows and scores test against them.
+    p = digits_problem
+    labels = write_kernel_dir(tmp_path / "kernel", p, refit=True)
+    grid = (1.0, 30.0, 1e3, 1e5)
+    record = solve_files(
+        tmp_path / "kernel", labels, tmp_path / "out",
+        SolverSettings("flow", eta_t=grid), progress=False,
+    )  # fmt: skip
+    assert record["refit"] and record["sizes"] == {"train": 400, "val": 100, "test": 100}
+    assert record["training_size"] == {"images": 500, "rows": 500, "splits": ["train", "val"]}
+    assert record["fitted_rows"] == {"selection": 400, "refit": 500}
+    eta_t = record["selected"]["eta_t"]
+    y = p["y"]
+
+    def flow_scores(kernel: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        alpha = gradient_flow_alpha(t(kernel), t(one_hot_targets(labels, 10)), eta_t)
+        return rows @ alpha.numpy()
+
+    # Selection: val accuracy of every candidate from the 400 train rows alone.
+    for point in record["grid"]:
+        alpha = gradient_flow_alpha(
+            t(p["train"]), t(one_hot_targets(y["train"], 10)), point["eta_t"]
+        ).numpy()
+        val = np.mean((p["val"] @ alpha).argmax(1) == y["val"])
+        assert point["accuracy"]["val"] == pytest.approx(val)
+    # Headline: the selected eta t refit on train + val, test scored against all 500.
+    both = np.concatenate([y["train"], y["val"]])
+    refit = flow_scores(p["fit"], both, p["fit_test"])
+    train_only = flow_scores(p["train"], y["train"], p["test"])
+    predictions = np.load(tmp_path / "out/predictions.npz")
+    np.testing.assert_allclose(predictions["test_scores"], refit, rtol=1e-5, atol=1e-6)
+    assert np.abs(refit - train_only).max() > 1e-3  # the val rows changed the model
+    assert record["test_accuracy"] == pytest.approx(np.mean(refit.argmax(1) == y["test"]))
+    assert record["selected"]["accuracy"]["test"] == record["test_accuracy"]
+    assert "refit on train + val (500 images" in record["protocol"]
+    assert "train + val" in record["best_on_test"]["note"]
+
+
+def test_refit_with_flips_fits_the_mirrors_of_train_and_val(digits_problem, tmp_path):
+    # Rows in kernel.json's order: train, train mirrors, val, val mirrors (a mirror here
+    # is a copy of its image's row).
+    p = dict(digits_problem)
+    order = np.r_[0:400, 0:400, 400:500, 400:500]
+    p["fit"] = p["fit"][np.ix_(order, order)]
+    p["fit_test"] = p["fit_test"][:, order]
+    labels = write_kernel_dir(tmp_path / "kernel", p, flips=True, refit=True)
+    record = solve_files(
+        tmp_path / "kernel", labels, tmp_path / "out", SolverSettings("flow"), progress=False
+    )
+    assert record["training_size"] == {"images": 500, "rows": 1000, "splits": ["train", "val"]}
+    assert record["fitted_rows"] == {"selection": 800, "refit": 1000}
+    assert record["test_accuracy"] > 0.8
 
 
 def test_mismatched_labels_are_a_clear_error_and_write_nothing(digits_problem, tmp_path):
     labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
     np.save(labels["val"], digits_problem["y"]["val"][:50])
-    with pytest.raises(DataError, match=r"val\.npy has shape \(100, 400\) but the labels give"):
+    with pytest.raises(DataError, match=r"val\.npy has shape \(100, 400\) but kernel.json and"):
         solve_files(tmp_path / "kernel", labels, tmp_path / "out", SolverSettings("flow"))
     assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="no kernel.json"):

@@ -16,6 +16,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels.data import load_meta
+from neural_kernels.seeds import derived_seed
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
@@ -162,21 +163,35 @@ def test_default_run_prepares_and_whitens_digits(workdir):
     assert (workdir / "results/benchmarks/prepare_dataset/digits.tsv").exists()
     zca = json.loads((workdir / "results/zca/digits/zca.json").read_text())
     assert zca["variant"] == "thesis" and zca["solver"] == "exact" and zca["device"] == "cpu"
+    assert zca["n_samples"] == 1293 + 144  # fitted on train + val, the refit's training set
     for split, size in (("train", 1293), ("val", 144), ("test", 360)):
         white = np.load(workdir / f"results/zca/digits/{split}_images.npy", mmap_mode="r")
         assert white.shape == (size, 8, 8, 1) and white.dtype == np.float32
     assert (workdir / "results/benchmarks/zca_whiten/digits.tsv").exists()
     kernels = workdir / "results/kernels/digits"
-    for view, train in [("full", 1293)] + [(f"n200-seed{s}", 200) for s in (0, 1, 2)]:
+    # The full split's kernels hold train + val in one symmetric block (the refit); a
+    # subset's fits its 200 images and scores val as an eval block.
+    fitted = {"full": 1293 + 144, **{f"n200-seed{s}": 200 for s in (0, 1, 2)}}
+    seeds = {}
+    for view, rows in fitted.items():
+        evals = (("test", 360),) if view == "full" else (("val", 144), ("test", 360))
         for name in ("myrtle5_estimate", "myrtle5_analytic"):
             record = json.loads((kernels / view / name / "kernel.json").read_text())
             k = np.load(kernels / view / name / "train.npy", mmap_mode="r")
-            assert k.shape == (train, train) and k.dtype == np.float64
+            assert k.shape == (rows, rows) and k.dtype == np.float64
             np.testing.assert_allclose(np.diagonal(k), 1.0, atol=1e-6)
-            for split, size in (("val", 144), ("test", 360)):
-                assert np.load(kernels / view / name / f"{split}.npy").shape == (size, train)
+            for split, size in evals:
+                assert np.load(kernels / view / name / f"{split}.npy").shape == (size, rows)
+            assert (kernels / view / name / "val.npy").exists() == (view != "full")
             assert record["method"] in ("estimate", "analytic")
+            assert record["inputs"]["train"]["layout"][-1]["stop"] == rows
             assert not (kernels / view / name / "shards").exists()  # temp, merged
+            if record["method"] == "estimate":
+                seeds[view] = record["settings"]["seed"]
+    # every subset draws its own random networks: seeds derived from the subset seed
+    assert seeds["full"] == 0
+    assert [seeds[f"n200-seed{s}"] for s in (0, 1, 2)] == [derived_seed(0, s) for s in (0, 1, 2)]
+    assert len(set(seeds.values())) == 4
     assert (workdir / "results/benchmarks/kernel_merge/digits/full/myrtle5_estimate.tsv").exists()
     solved = workdir / "results/solve/digits"
     runs = [("full", solver) for solver in ("flow", "ridge", "boosting")]
@@ -186,6 +201,9 @@ def test_default_run_prepares_and_whitens_digits(workdir):
             metrics = json.loads((solved / view / kernel / solver / "metrics.json").read_text())
             assert metrics["method"] == solver and metrics["device"] == "cpu"
             assert metrics["sizes"]["train"] == (1293 if view == "full" else 200)
+            # the headline's training set: train + val after the refit (full split only)
+            assert metrics["training_size"]["images"] == fitted[view]
+            assert metrics["refit"] == (view == "full")
             # digits are easy: every kernel and solver is far above chance (10%)
             assert metrics["test_accuracy"] > (0.9 if view == "full" else 0.7)
             assert (workdir / f"results/benchmarks/solve/digits/{view}/{kernel}").is_dir()
@@ -195,12 +213,16 @@ def test_default_run_prepares_and_whitens_digits(workdir):
         path = workdir / f"results/networks/digits/{network}/metrics.json"
         metrics = json.loads(path.read_text())
         assert metrics["test_accuracy"] > 0.5 and metrics["device"] == "cpu"
+        assert metrics["training_size"]["images"] == 1293 + 144
     html = (workdir / "report/report.html").read_text()
     markdown = (workdir / "report/report.md").read_text()
     for table in ("T1", "T2", "T3", "T4", "T5"):
         assert f'<table id="{table}"' in html and f"### {table}." in markdown
     # digits fills T2's Myrtle5 row, labelled as digits; the rest names its target
     assert "**[digits]**" in markdown and "config/thesis.yaml solvers" in markdown
+    # what ours ran, generated per table; the reference's test-selected value beside ours
+    assert 'id="T2-ours"' in html and "class-balanced random subsets of 200" in markdown
+    assert "test-selected, as the reference did" in markdown
     # the two subset estimate sizes give the error-against-features figure a curve
     assert 'id="figure-kernel_error"' in html and 'id="figure-boosting"' in html
     small = workdir / "results/solve/digits/n200-seed0/myrtle5_estimate_small/flow/metrics.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -129,6 +130,37 @@ def test_rank_k_shankar_tends_to_exact_as_k_grows():
         for k in (4, 12, 24, 32)
     ]
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False)) and errors[-1] < 1e-8
+
+
+def test_randomized_shankar_complement_uses_the_mean_remaining_eigenvalue():
+    # A slowly decaying spectrum and eps comparable to the mean eigenvalue 1/P (as for
+    # unit-norm 224x224 images with eps 1e-5): the complement of the top-k subspace holds
+    # most of the variance. Scaling it by (m + eps)^-1/2, m the mean of the remaining
+    # eigenvalues (exact, from the trace), is much closer to the exact transform than
+    # eps^-1/2, and the transform converges to the exact one as k grows.
+    images = decaying_images(n=400, shape=(8, 8, 3), decay=0.99, seed=1)
+    p, eps = 8 * 8 * 3, 1e-3
+    exact = whitened_rows(zca_fit(images, variant="shankar", solver="exact", eps=eps), images)
+
+    def error(t: ZCATransform) -> float:
+        return np.abs(whitened_rows(t, images) - exact).max() / np.abs(exact).max()
+
+    errors = {}
+    for k in (16, 64, 128, 176):
+        t = zca_fit(images, variant="shankar", solver="randomized", rank=k, eps=eps, dtype=F64)
+        rows = images.reshape(len(images), -1)
+        rows = rows - rows.mean(axis=1, keepdims=True)
+        trace = np.mean(np.sum((rows / np.linalg.norm(rows, axis=1, keepdims=True)) ** 2, 1))
+        mean_rest = (trace - np.sum(t.singular_values**2) / len(images)) / (p - k)
+        assert t.complement_scale == pytest.approx((mean_rest + eps) ** -0.5, rel=1e-9)
+        errors[k] = error(t)
+        old_rule = error(dataclasses.replace(t, complement_scale=eps**-0.5))
+        assert errors[k] < 0.4 * old_rule, (k, errors[k], old_rule)
+        if k == 16:
+            assert old_rule > 1.0  # eps^-1/2: off by more than the signal itself
+    values = list(errors.values())
+    assert all(a > b for a, b in zip(values, values[1:], strict=False)), errors
+    assert values[-1] < 0.01, errors
 
 
 def test_flips_fit_equals_fit_on_flipped_copies():

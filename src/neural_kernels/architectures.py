@@ -10,7 +10,8 @@ covariance of two images ``x`` (``A`` of them) and ``y`` (``B``) is a tensor
 ``(k, l)`` of ``y``. The input covariance is the channel mean of the pixel products
 (:func:`input_covariance`); Shankar et al. sum over channels instead, which scales
 every entry by the channel count ``C``. All maps below are positively homogeneous of
-degree one, so the factor passes through and the final :class:`Normalize` removes it.
+degree one, so the factor passes through and the final :class:`Project`, a function of
+the cosine of the pooled kernel only, removes it.
 
 Nonlinear maps need the variance of each image at each position, ``k(x, x)_{p, p}``;
 they receive its square root as ``std_x`` (broadcastable to ``(A, 1, H, W, 1, 1)``)
@@ -202,26 +203,57 @@ class GlobalAvgPool(_Parameterless):
 
 
 @dataclass(frozen=True)
-class Normalize(_Parameterless):
-    """Projection onto the unit sphere, so that ``k(x, x) = 1``.
+class Project:
+    """The final map of Shankar et al.'s kernels: a nonlinearity of the pooled cosine.
 
-    Finite: ``f / ||f||`` over all features of one image. Kernel map:
-    ``k / sqrt(kxx kyy)``. For an estimated kernel the same map is applied to the
-    Gram matrix of all networks' features together (see ``kernels.estimate``), which
-    equals ``f / ||f||`` on their concatenation.
+    Kernel map: with ``r = k / sqrt(kxx kyy)`` (clipped to [-1, 1]) the cosine of the
+    globally pooled kernel, ``k' = f(r)``, where ``f`` is ``nonlinearity``'s map at
+    unit variances: for :class:`Relu`, ``relu_project``,
+    ``f(r) = (sqrt(1 - r^2) + r (pi - arccos r)) / pi``; for :class:`Gaussian`,
+    ``exponential_shifted_project``, ``f(r) = exp(gamma (r - 1))``. So ``k(x, x) = 1``.
+
+    Finite width: each network's pooled features ``u`` (``width`` of them) are scaled
+    to unit root mean square, ``u sqrt(width) / ||u||``, mixed by a dense layer
+    ``width -> width`` with weights ``N(0, 1 / width)`` (a 1x1 convolution), and passed
+    through the nonlinearity's finite apply. Each output is then a centred Gaussian of
+    unit variance whose covariance between two images is ``r``, so as the dense
+    layer's output width grows the features' mean product tends to ``f(r)``: the map
+    above is the exact infinite-width limit of this dense layer + nonlinearity. The
+    random-feature estimate therefore applies ``f`` to the normalised Gram matrix of
+    all networks' pooled features together (see :mod:`neural_kernels.kernels.estimate`).
     """
 
+    nonlinearity: Relu | Gaussian
     needs_std = True
 
-    def apply(self, x: Tensor, params: None = None) -> Tensor:
-        norm = x.flatten(1).norm(dim=1).clamp_min(_TINY)
-        return x / norm.reshape(-1, *([1] * (x.dim() - 1)))
+    def init(
+        self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Dense weights ``(networks * width, c_in, 1, 1)`` and the nonlinearity's own."""
+        dense = torch.randn(networks * width, c_in, 1, 1, generator=generator) / math.sqrt(c_in)
+        return dense, self.nonlinearity.init(generator, width, networks, width, False)
+
+    def apply(self, x: Tensor, params: tuple[Tensor, Tensor | None]) -> Tensor:
+        dense, inner = params
+        b, channels = x.shape[:2]
+        networks = channels // dense.shape[1]
+        u = x.reshape(b, networks, -1)
+        rms = u.square().mean(dim=2, keepdim=True).sqrt().clamp_min(_TINY)
+        u = (u / rms).reshape(x.shape)
+        z = F.conv2d(u, dense.to(x.dtype), groups=networks)
+        return self.nonlinearity.apply(z, inner)
+
+    def of_correlation(self, r: Tensor) -> Tensor:
+        """``f(r)`` of a cosine ``r`` in [-1, 1] (in place where it can be)."""
+        ones = torch.ones((), dtype=r.dtype, device=r.device)
+        return self.nonlinearity.kernel(r, ones, ones)
 
     def kernel(self, k: Tensor, std_x: Tensor, std_y: Tensor) -> Tensor:
-        return k / (std_x.clamp_min(_TINY_STD) * std_y.clamp_min(_TINY_STD))
+        r, _, _ = _correlation(k, std_x, std_y)
+        return self.of_correlation(r)
 
 
-Layer = Conv | Relu | Gaussian | AvgPool | GlobalAvgPool | Normalize
+Layer = Conv | Relu | Gaussian | AvgPool | GlobalAvgPool | Project
 
 
 def input_covariance(x: Tensor, y: Tensor) -> Tensor:
@@ -274,11 +306,14 @@ class Serial:
             )
 
     @property
+    def final(self) -> Project | None:
+        """The final :class:`Project` layer, if the network ends with one."""
+        return self.layers[-1] if self.layers and isinstance(self.layers[-1], Project) else None
+
+    @property
     def head(self) -> tuple[Layer, ...]:
-        """The layers whose outputs are the random features (all but a final Normalize)."""
-        if self.layers and isinstance(self.layers[-1], Normalize):
-            return self.layers[:-1]
-        return self.layers
+        """The layers whose outputs are the random features (all but a final Project)."""
+        return self.layers[:-1] if self.final is not None else self.layers
 
     def init(self, generator: torch.Generator, in_channels: int, networks: int, width: int) -> list:
         """Parameters of ``networks`` independent networks of ``width`` channels each."""
@@ -290,13 +325,14 @@ class Serial:
                 c_in, shared = width, False
         return params
 
-    def apply(self, x: Tensor, params: Sequence, *, normalize: bool = True) -> Tensor:
+    def apply(self, x: Tensor, params: Sequence, *, project: bool = True) -> Tensor:
         """Features ``(B, networks * width)`` of NCHW images ``x``.
 
-        With ``normalize=False`` a final :class:`Normalize` is skipped: the estimator
-        applies its kernel map to the Gram matrix of every network at once.
+        With ``project=False`` a final :class:`Project` is skipped and the features are
+        the globally pooled activations: the estimator applies the projection's exact
+        infinite-width map to the normalised Gram matrix of every network at once.
         """
-        layers = self.layers if normalize else self.head
+        layers = self.layers if project else self.head
         for layer, p in zip(layers, params, strict=False):
             x = layer.apply(x, p)
         return x.flatten(1)
@@ -378,8 +414,9 @@ def myrtle(name: str, activation: str = "relu", gamma: float = 1.0) -> Serial:
     """The Myrtle network ``name`` (see :data:`MYRTLE_STAGES`) with ``activation``.
 
     Stages of ``[Conv, activation] x c_s`` separated by 2x2 average pools, then a global
-    average pool and the unit-sphere :class:`Normalize` (the final projection that
-    gives ``k(x, x) = 1``). Generic in the image size.
+    average pool and the final :class:`Project` of the activation (Shankar et al.'s
+    ``relu_project`` or ``exponential_shifted_project``, which gives ``k(x, x) = 1``).
+    Generic in the image size.
     """
     if name not in MYRTLE_STAGES:
         raise NeuralKernelsError(
@@ -402,5 +439,5 @@ def myrtle(name: str, activation: str = "relu", gamma: float = 1.0) -> Serial:
             layers.append(AvgPool())
         for _ in range(convs):
             layers += [Conv(), nonlinearity]
-    layers += [GlobalAvgPool(), Normalize()]
+    layers += [GlobalAvgPool(), Project(nonlinearity)]
     return Serial(name, tuple(layers), stages)

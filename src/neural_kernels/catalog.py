@@ -16,5 +16,7 @@ MYRTLE_STAGES: dict[str, tuple[int, ...]] = {
     "myrtle11": (3, 3, 3, 1),
     "myrtle15": (3, 3, 3, 2, 2, 1),
 }
+#: The architectures the thesis names without defining them (ours, see above).
+RECONSTRUCTED = ("myrtle11", "myrtle15")
 #: Nonlinearities: ReLU (arc-cosine kernel) and Shankar et al.'s "Gaussian" (exp).
 ACTIVATIONS = ("relu", "gaussian")

@@ -92,6 +92,7 @@ def _cmd_zca(args: argparse.Namespace) -> object:
         args.images,
         args.out_dir,
         transform_path=args.transform,
+        fit_on=args.fit_on,
         device=args.device,
         dtype=args.dtype,
         block_rows=args.block_rows,
@@ -160,7 +161,12 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
 
 def _kernel_inputs(args: argparse.Namespace) -> dict:
     evals = dict(_named_path(item, "--eval") for item in args.eval or [])
-    return {"train": args.train, "evals": evals, "train_indices": args.train_indices}
+    return {
+        "train": args.train,
+        "evals": evals,
+        "train_indices": args.train_indices,
+        "val": args.val,
+    }
 
 
 def _cmd_kernel_shard(args: argparse.Namespace) -> object:
@@ -284,10 +290,16 @@ def _add_kernel_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", type=Path, required=True, help="train images .npy (N, H, W, C)")
     p.add_argument("--train-indices", type=Path, help="use only these rows of --train (.npy)")
     p.add_argument(
+        "--val",
+        type=Path,
+        help="validation images .npy: fitted rows after the train rows, in the one "
+        "symmetric train.npy (the solve selects on them, then refits on train + val)",
+    )
+    p.add_argument(
         "--eval",
         action="append",
         metavar="NAME=PATH",
-        help="an eval split: writes NAME.npy = K(eval, train); repeatable",
+        help="an eval split: writes NAME.npy = K(eval, fitted rows); repeatable",
     )
     p.add_argument("--out-dir", type=Path, required=True)
 
@@ -319,10 +331,8 @@ def _cmd_train(args: argparse.Namespace) -> object:
         device=args.device,
         progress=not args.no_progress,
     )
-    return {
-        key: record[key]
-        for key in ("model", "best_epoch", "best_val_accuracy", "test_accuracy", "device")
-    } | {"seconds": record["seconds"]["total"]}
+    keys = ("model", "training_size", "test_accuracy", "device")
+    return {key: record[key] for key in keys} | {"seconds": record["seconds"]["total"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit ZCA whitening on images and apply it (exact or randomized SVD)",
         description=(
             "Fit ZCA whitening on the first IMAGES file (N, H, W, C; uint8 pixels are "
-            "scaled to [0, 1]) and apply it to every IMAGES file. Writes OUT_DIR/<file "
+            "scaled to [0, 1]), or on the first K stacked with --fit-on K, and apply it to "
+            "every IMAGES file. Writes OUT_DIR/<file "
             "name> (float32, same shape) for each, OUT_DIR/transform.npz (re-apply it "
             "with --transform) and OUT_DIR/zca.json (settings, timings, device). "
             "Variants: 'thesis' = (x - mean) V diag(sqrt(N-1)/(D+eps)) V^T; 'shankar' "
@@ -436,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument(
         "--transform", type=Path, help="apply this saved transform.npz instead of fitting"
+    )
+    p.add_argument(
+        "--fit-on",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="fit on the first K IMAGES files stacked (train and val: 2); default 1",
     )
     p.add_argument("--variant", choices=("thesis", "shankar"), default="thesis")
     p.add_argument(
@@ -560,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, help="myrtle, gaussian: exp(gamma (r - 1)) (1.0)")
     p.add_argument("--epochs", type=_positive_int, help="default 30")
     p.add_argument("--batch-size", type=_positive_int, help="default 128")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 0.1)")
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (default 0.1; Myrtle networks 0.02)"
+    )
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, help="default 5e-4")
     p.add_argument(

@@ -9,9 +9,14 @@ scaled to [0, 1]; float images are used as given), centred by its feature mean
 * ``shankar`` (Shankar et al. 2020, reference code of "Neural Kernels Without
   Tangents"): every image is first centred over its own pixels and scaled to unit L2
   norm; then, with ``C = X^T X / N`` (no feature centring) and eigenvalue bias
-  ``eps`` (1e-5 for CIFAR-10), ``zca(x) = x (C + eps I)^{-1/2}``. With rank ``k`` the
-  covariance is replaced by its best rank-``k`` approximation ``V diag(D^2/N) V^T``,
-  so ``zca(x) = x V diag((D^2/N + eps)^{-1/2}) V^T + eps^{-1/2} (x - x V V^T)``.
+  ``eps`` (1e-5 for CIFAR-10), ``zca(x) = x (C + eps I)^{-1/2}``. With rank ``k < P``
+  the top-``k`` eigenpairs ``(D^2/N, V)`` are kept exactly and the ``P - k`` other
+  eigenvalues are replaced by their mean, which is known exactly from the trace,
+  ``m = (tr C - sum D^2/N) / (P - k)`` with ``tr C`` the mean squared norm of the
+  images (1 after the unit-norm step), so
+  ``zca(x) = x V diag((D^2/N + eps)^{-1/2}) V^T + (m + eps)^{-1/2} (x - x V V^T)``.
+  (Scaling the complement by ``eps^{-1/2}``, i.e. taking ``m = 0``, is far from the
+  exact transform when ``eps`` is comparable to ``1/P``, as for 224x224 images.)
 
 Solvers: ``exact`` accumulates the ``P x P`` covariance and eigendecomposes it
 (``O(N P^2 + P^3)``, float64); ``randomized`` is the Halko-Martinsson-Tropp range
@@ -34,6 +39,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
+from neural_kernels.data.rows import StackedRows
 from neural_kernels.device import (
     device_name,
     peak_memory_mb,
@@ -250,11 +256,14 @@ def zca_fit(
         cached = list(centred_blocks())
         blocks = cached.__iter__
 
+    # trace(X^T X) of the centred rows: the sum of all P eigenvalues times N.
+    total_square = 0.0
     if solver == "exact":
         cov = torch.zeros(p, p, dtype=torch.float64, device=device)
         for rows in blocks():
             rows64 = rows.to(torch.float64)
             cov.addmm_(rows64.T, rows64)
+        total_square = float(cov.trace())
         evals, evecs = torch.linalg.eigh(cov)
         del cov
         order = torch.argsort(evals, descending=True)[:rank]
@@ -264,9 +273,17 @@ def zca_fit(
         width = min(rank + oversample, n, p)
         generator = torch.Generator().manual_seed(seed)
         omega = torch.randn(p, width, generator=generator, dtype=dtype).to(device)
+        first_pass = True
 
         def times(mat: torch.Tensor) -> torch.Tensor:
-            return torch.cat([rows @ mat for rows in blocks()])
+            nonlocal total_square, first_pass
+            out = []
+            for rows in blocks():
+                out.append(rows @ mat)
+                if first_pass:  # the trace comes with the first product, A Omega
+                    total_square += float(torch.linalg.vector_norm(rows)) ** 2
+            first_pass = False
+            return torch.cat(out)
 
         def t_times(q: torch.Tensor) -> torch.Tensor:
             acc = torch.zeros(p, q.shape[1], dtype=dtype, device=device)
@@ -287,7 +304,10 @@ def zca_fit(
         complement = 0.0
     else:
         scales = (singular**2 / n + eps).rsqrt()
-        complement = 0.0 if rank == p else eps**-0.5
+        complement = 0.0
+        if rank < p:
+            rest = max(total_square - float((singular**2).sum()), 0.0) / n / (p - rank)
+            complement = (rest + eps) ** -0.5
     return ZCATransform(
         variant=variant,
         solver=solver,
@@ -349,12 +369,14 @@ def whiten_files(
     out_dir: Path,
     *,
     transform_path: Path | None = None,
+    fit_on: int = 1,
     device: str = "auto",
     dtype: str = "float32",
     block_rows: int | None = None,
     **fit_options: object,
 ) -> dict:
-    """The ``zca`` stage: fit on ``inputs[0]`` (or load ``transform_path``), whiten all.
+    """The ``zca`` stage: fit on ``inputs[:fit_on]`` stacked (or load ``transform_path``),
+    whiten all. The workflow fits on train + val: the training set of the refit.
 
     Writes ``out_dir/<input file name>`` (float32, same shape) for every input,
     ``out_dir/transform.npz`` and ``out_dir/zca.json`` (settings, spectrum summary,
@@ -374,14 +396,17 @@ def whiten_files(
             arrays.append(np.load(path, mmap_mode="r"))
         except (OSError, ValueError) as error:
             raise DataError(f"cannot read {path} as a .npy array ({error})") from None
+    if not 1 <= fit_on <= len(inputs):
+        raise NeuralKernelsError(f"fit_on must be in 1..{len(inputs)} (the inputs), got {fit_on}")
+    fitted = [str(path) for path in inputs[:fit_on]]
     started = time.perf_counter()
     if transform_path is None:
         transform = zca_fit(
-            arrays[0],
+            StackedRows(arrays[:fit_on]),
             device=run_device,
             dtype=work_dtype,
             block_rows=block_rows,
-            name=str(inputs[0]),
+            name=" + ".join(fitted),
             **fit_options,
         )
     else:
@@ -395,12 +420,13 @@ def whiten_files(
         "n_samples": transform.n_samples,
         "n_features": int(math.prod(transform.image_shape)),
         "image_shape": list(transform.image_shape),
-        "fitted_on": str(inputs[0]) if transform_path is None else str(transform_path),
+        "fitted_on": fitted if transform_path is None else [str(transform_path)],
         "options": dict(fit_options) if transform_path is None else {},
         "singular_values": {
             "first": float(transform.singular_values[0]),
             "last": float(transform.singular_values[-1]),
         },
+        "complement_scale": transform.complement_scale,
         "device": device_name(run_device),
         "dtype": dtype,
         "fit_seconds": fit_seconds,

@@ -9,6 +9,8 @@ from snakemake.utils import validate
 
 from neural_kernels.data.prepared import SPLITS, prepared_files, subset_files
 from neural_kernels.data.sources import ARCHIVES
+from neural_kernels.kernels.layout import eval_splits, kernel_files, shard_files
+from neural_kernels.seeds import derived_seed
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -16,8 +18,10 @@ DATASETS = config["datasets"]
 KERNELS = config["kernels"]
 SOLVERS = config["solvers"]
 NETWORKS = config["networks"]
-EVAL_SPLITS = [split for split in SPLITS if split != "train"]
-KERNEL_FILES = [f"{split}.npy" for split in SPLITS] + ["kernel.json"]
+# A full split's kernel fits the val rows too (the solve selects on them, then refits on
+# train + val); a subset's is not refit and scores val as an eval block.
+FULL_VIEW = "full"
+SUBSET_VIEW = r"n\d+-seed\d+"
 CONDA_ENV = "../envs/neural_kernels.yaml"
 NO_MATCH = "(?!)"  # a wildcard constraint that matches nothing
 
@@ -53,7 +57,7 @@ wildcard_constraints:
     kernel="|".join(KERNELS) or NO_MATCH,
     solver="|".join(SOLVERS) or NO_MATCH,
     network="|".join(NETWORKS) or NO_MATCH,
-    view=r"full|n\d+-seed\d+",
+    view=f"{FULL_VIEW}|{SUBSET_VIEW}",
     shard=r"\d+",
 
 
@@ -132,9 +136,11 @@ def zca_settings(name):
 
 
 def zca_args(wildcards):
-    """Command-line options of `neural-kernels zca` for one dataset."""
+    """Command-line options of `neural-kernels zca` for one dataset: fitted on train +
+    val (the first two inputs), the training set of the refit."""
     cfg = zca_settings(wildcards.dataset)
     args = [
+        "--fit-on 2",
         f"--variant {cfg['variant']}",
         f"--solver {cfg['solver']}",
         f"--oversample {cfg['oversample']}",
@@ -201,11 +207,21 @@ def kernel_inputs(wildcards):
     return inputs
 
 
+def fits_val(view):
+    """Whether a view's kernel fits the val rows (full: yes, for the refit; subsets: no)."""
+    return view == FULL_VIEW
+
+
 def kernel_args(wildcards, input):
     """Inputs and architecture options shared by the kernel subcommands."""
     cfg = KERNELS[wildcards.kernel]
     args = [f"--train '{input.train}'"]
-    args += [f"--eval {split}='{input[split]}'" for split in EVAL_SPLITS]
+    if fits_val(wildcards.view):
+        args.append(f"--val '{input.val}'")
+    args += [
+        f"--eval {split}='{input[split]}'"
+        for split in eval_splits(fits_val(wildcards.view))
+    ]
     if "indices" in input.keys():
         args.append(f"--train-indices '{input.indices}'")
     args += [
@@ -221,11 +237,22 @@ def kernel_args(wildcards, input):
     return " ".join(args)
 
 
+def estimate_seed(wildcards):
+    """The random networks' seed: the kernel's own on the full split; on a subset, one
+    derived from (kernel seed, subset seed), so that the spread over subsets covers the
+    networks' randomness too."""
+    seed = KERNELS[wildcards.kernel]["seed"]
+    if fits_val(wildcards.view):
+        return seed
+    return derived_seed(seed, int(wildcards.view.rsplit("-seed", 1)[1]))
+
+
 def estimate_args(wildcards, input):
     """`neural-kernels kernel-shard` options of one shard."""
     cfg = KERNELS[wildcards.kernel]
-    keys = ["width", "networks", "chunk_networks", "batch_size", "tile_rows", "seed"]
+    keys = ["width", "networks", "chunk_networks", "batch_size", "tile_rows"]
     args = [f"--{key.replace('_', '-')} {cfg[key]}" for key in keys]
+    args += [f"--seed {estimate_seed(wildcards)}"]
     args += [f"--shard {wildcards.shard}", f"--shards {cfg['shards']}"]
     return " ".join([kernel_args(wildcards, input)] + args)
 
@@ -237,13 +264,6 @@ def analytic_args(wildcards, input):
     return kernel_args(wildcards, input) + block
 
 
-SHARD_FILES = (
-    ["train.npy"]
-    + [f"{split}{suffix}.npy" for split in EVAL_SPLITS for suffix in ("", "_sqnorm")]
-    + ["shard.json"]
-)
-
-
 def kernel_shard_files(wildcards):
     """Every file of every shard of an estimated kernel (all are the merge's inputs)."""
     cfg = KERNELS[wildcards.kernel]
@@ -251,7 +271,7 @@ def kernel_shard_files(wildcards):
     return [
         f"{base}/shards/{shard}/{name}"
         for shard in range(cfg["shards"])
-        for name in SHARD_FILES
+        for name in shard_files(fits_val(wildcards.view))
     ]
 
 
@@ -280,7 +300,8 @@ def solve_inputs(wildcards):
     """The kernel's blocks and kernel.json, and the labels (a subset's own train labels)."""
     kernel = f"results/kernels/{wildcards.dataset}/{wildcards.view}/{wildcards.kernel}"
     data = f"results/data/{wildcards.dataset}"
-    inputs = {"kernel": [f"{kernel}/{name}" for name in KERNEL_FILES]}
+    files = kernel_files(fits_val(wildcards.view))
+    inputs = {"kernel": [f"{kernel}/{name}" for name in files]}
     inputs |= {f"{split}_labels": f"{data}/{split}_labels.npy" for split in SPLITS}
     if wildcards.view != "full":
         inputs["train_labels"] = f"{data}/subsets/{wildcards.view}/train_labels.npy"
@@ -325,7 +346,9 @@ def network_args(wildcards):
     cfg = NETWORKS[wildcards.network]
     keys = ["model", "width", "activation", "gamma", "epochs", "batch_size", "lr"]
     keys += ["momentum", "weight_decay", "schedule", "seed", "device"]
-    args = [f"--{key.replace('_', '-')} {cfg[key]}" for key in keys]
+    args = [
+        f"--{key.replace('_', '-')} {cfg[key]}" for key in keys if cfg[key] is not None
+    ]
     if cfg["crop"] is not None:
         args.append(f"--crop {cfg['crop']}")
     args += [f"--{flag}" for flag in ("flip", "deterministic") if cfg[flag]]

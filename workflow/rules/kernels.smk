@@ -1,5 +1,9 @@
 # Myrtle kernels of the whitened images: estimated from random networks (sharded,
 # then merged) or computed exactly (analytic). Layout: see neural_kernels.kernels.stage.
+# A full split's kernel is one symmetric block over train + val (the solve selects on
+# val, then refits on both) with the test rows against it; a subset's kernel fits its
+# train rows only and scores val and test against them: the *_subset rules are the
+# same rules with that output layout.
 # An analytic job outlasting its time limit (full CIFAR-10: hundreds of GPU-hours)
 # resumes from its finished blocks when rerun (or retried: the slurm profile's retries).
 
@@ -11,7 +15,7 @@ rule kernel_estimate_shard:
         temp(
             expand(
                 "results/kernels/{{dataset}}/{{view}}/{{kernel}}/shards/{{shard}}/{file}",
-                file=SHARD_FILES,
+                file=shard_files(fits_val=True),
             )
         ),
     log:
@@ -19,6 +23,7 @@ rule kernel_estimate_shard:
     benchmark:
         "results/benchmarks/kernel_estimate_shard/{dataset}/{view}/{kernel}/{shard}.tsv"
     wildcard_constraints:
+        view=FULL_VIEW,
         kernel=methods("estimate"),
     conda:
         CONDA_ENV
@@ -35,18 +40,33 @@ rule kernel_estimate_shard:
         " > {log:q} 2>&1"
 
 
+use rule kernel_estimate_shard as kernel_estimate_shard_subset with:
+    output:
+        temp(
+            expand(
+                "results/kernels/{{dataset}}/{{view}}/{{kernel}}/shards/{{shard}}/{file}",
+                file=shard_files(fits_val=False),
+            )
+        ),
+    wildcard_constraints:
+        view=SUBSET_VIEW,
+        kernel=methods("estimate"),
+
+
 rule kernel_merge:
     input:
         kernel_shard_files,
     output:
         expand(
-            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}", file=KERNEL_FILES
+            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
+            file=kernel_files(fits_val=True),
         ),
     log:
         "results/logs/kernel_merge/{dataset}/{view}/{kernel}.log",
     benchmark:
         "results/benchmarks/kernel_merge/{dataset}/{view}/{kernel}.tsv"
     wildcard_constraints:
+        view=FULL_VIEW,
         kernel=methods("estimate"),
     conda:
         CONDA_ENV
@@ -62,18 +82,31 @@ rule kernel_merge:
         " > {log:q} 2>&1"
 
 
+use rule kernel_merge as kernel_merge_subset with:
+    output:
+        expand(
+            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
+            file=kernel_files(fits_val=False),
+        ),
+    wildcard_constraints:
+        view=SUBSET_VIEW,
+        kernel=methods("estimate"),
+
+
 rule kernel_analytic:
     input:
         unpack(kernel_inputs),
     output:
         expand(
-            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}", file=KERNEL_FILES
+            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
+            file=kernel_files(fits_val=True),
         ),
     log:
         "results/logs/kernel_analytic/{dataset}/{view}/{kernel}.log",
     benchmark:
         "results/benchmarks/kernel_analytic/{dataset}/{view}/{kernel}.tsv"
     wildcard_constraints:
+        view=FULL_VIEW,
         kernel=methods("analytic"),
     conda:
         CONDA_ENV
@@ -88,3 +121,14 @@ rule kernel_analytic:
     shell:
         "python -m neural_kernels kernel-analytic {params.args} --out-dir {params.out:q}"
         " > {log:q} 2>&1"
+
+
+use rule kernel_analytic as kernel_analytic_subset with:
+    output:
+        expand(
+            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
+            file=kernel_files(fits_val=False),
+        ),
+    wildcard_constraints:
+        view=SUBSET_VIEW,
+        kernel=methods("analytic"),

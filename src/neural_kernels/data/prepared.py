@@ -263,6 +263,7 @@ def write_subset(data_dir: Path | str, size: int, seed: int, out_dir: Path | str
             "parent": str(data_dir),
             "size": size,
             "seed": seed,
+            "sampling": "class-balanced random",
             "classes": parent["classes"],
             "num_classes": parent["num_classes"],
             "image_shape": parent["image_shape"],

@@ -103,7 +103,7 @@ def self_stds(
 
     Returns ``stds`` (one host float64 ``(N, H_l, W_l)`` tensor per layer that needs
     them, as :meth:`Serial.kernel` takes them) and the final diagonal (all ones when the
-    architecture ends with its Normalize).
+    architecture ends with its projection).
     """
     device = device or resolve_device("auto")
     dtype, float64_from = _precision(arch, precision)

@@ -4,11 +4,15 @@ The thesis's method: ``n`` independent networks of ``w`` channels each run side 
 side (grouped convolutions: one wide network whose channel groups never mix); the
 features are their last-layer outputs, ``F = n w`` of them, and
 
-    G = sum over networks of Phi Phi^T,      K = G_ij / sqrt(G_ii G_jj),
+    G = sum over networks of Phi Phi^T,      K_ij = f(G_ij / sqrt(G_ii G_jj)),
 
-the second step being the architecture's final :class:`Normalize` applied to the
-Gram matrix of all networks together. ``E[G] / F`` is the analytic kernel before the
-projection (up to the finite-width bias of each narrow network).
+``Phi`` being the globally pooled activations and ``f`` the architecture's final
+:class:`~neural_kernels.architectures.Project` map (``relu_project`` or
+``exponential_shifted_project`` of Shankar et al.). ``E[G] / F`` is the analytic pooled
+kernel (up to the finite-width bias of each narrow network); the cosine
+``G_ij / sqrt(G_ii G_jj)`` is that of the concatenated features of all networks, and
+``f`` of it is the exact infinite-width limit of a final dense layer + nonlinearity on
+them (the finite layer of ``Project``), so no further random features are drawn.
 
 Networks are drawn in *chunks* (``chunk_networks`` networks, seeded by
 ``(seed, chunk index)`` on the CPU, so every device draws the same weights); a shard
@@ -33,7 +37,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from neural_kernels.architectures import Serial
+from neural_kernels.architectures import Project, Serial
 from neural_kernels.errors import NeuralKernelsError
 
 log = logging.getLogger(__name__)
@@ -91,10 +95,15 @@ class EstimateSettings:
 def chunk_parameters(
     arch: Serial, settings: EstimateSettings, chunk: int, in_channels: int
 ) -> list:
-    """The weights of chunk ``chunk``'s networks, drawn on the CPU from ``(seed, chunk)``."""
+    """The weights of chunk ``chunk``'s networks, drawn on the CPU from ``(seed, chunk)``.
+
+    Only the layers that make the random features (``arch.head``): the final
+    projection is applied exactly to their Gram matrix.
+    """
     state = np.random.SeedSequence((settings.seed, chunk)).generate_state(1, np.uint64)[0]
     generator = torch.Generator().manual_seed(int(state))
-    return arch.init(generator, in_channels, settings.chunk_networks_at(chunk), settings.width)
+    params = arch.init(generator, in_channels, settings.chunk_networks_at(chunk), settings.width)
+    return params[: len(arch.head)]
 
 
 @contextlib.contextmanager
@@ -130,7 +139,7 @@ def random_features(
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            out.append(arch.apply(x, device_params, normalize=False).float())
+            out.append(arch.apply(x, device_params, project=False).float())
     return torch.cat(out)
 
 
@@ -293,15 +302,18 @@ def estimate_sums(
     return result
 
 
-def normalized_kernel(
+def projected_kernel(
     gram: NDArray,
     row_sqnorm: NDArray,
     col_sqnorm: NDArray,
+    final: Project | None,
     out: NDArray | None = None,
     block_rows: int = 4096,
 ) -> NDArray:
-    """``K_ij = G_ij / sqrt(a_i b_j)``: the final :class:`Normalize` on a Gram matrix.
+    """``K_ij = f(G_ij / sqrt(a_i b_j))``: the final projection on a Gram matrix.
 
+    ``a``/``b`` are the rows'/columns' squared feature norms (the Gram diagonal) and
+    ``f`` is ``final.of_correlation`` (the cosine itself when ``final`` is ``None``).
     The 1/F of the feature average cancels. Works in row blocks, so ``gram`` and
     ``out`` may be memory maps (``out`` may be ``gram`` itself).
     """
@@ -314,7 +326,10 @@ def normalized_kernel(
     inv_row = 1.0 / np.sqrt(row_sqnorm)
     for start in range(0, gram.shape[0], block_rows):
         stop = start + block_rows
-        out[start:stop] = np.asarray(gram[start:stop]) * inv_row[start:stop, None] * inv_col
+        cosine = np.asarray(gram[start:stop]) * inv_row[start:stop, None] * inv_col
+        if final is not None:
+            cosine = final.of_correlation(torch.from_numpy(cosine)).numpy()
+        out[start:stop] = cosine
     return out
 
 
@@ -333,5 +348,5 @@ def estimate_kernel(
     sums = estimate_sums(arch, images, evals, settings, device=device, progress=progress)
     diag = np.diagonal(sums["train"]).copy()
     if images2 is None:
-        return normalized_kernel(sums["train"], diag, diag, out=sums["train"])
-    return normalized_kernel(sums["z"], sums["z_sqnorm"], diag, out=sums["z"])
+        return projected_kernel(sums["train"], diag, diag, arch.final, out=sums["train"])
+    return projected_kernel(sums["z"], sums["z_sqnorm"], diag, arch.final, out=sums["z"])

@@ -1,9 +1,18 @@
 """File-level kernel stages that the workflow's rules call.
 
 Layout of a kernel directory (``results/kernels/<dataset>/<view>/<kernel>/``):
-``train.npy`` (``N x N``, float64, symmetric; ``N`` doubles with flips),
-``<eval>.npy`` (``M x N`` for each eval split, e.g. ``val``/``test``) and
-``kernel.json`` (settings, sizes, timings, device, throughput), written last.
+``train.npy`` (``N x N``, float64, symmetric): the kernel of the *fitted rows*;
+``<eval>.npy`` (``M x N`` for each eval split) and ``kernel.json`` (settings, sizes,
+the fitted rows' layout, timings, device, throughput), written last.
+
+The fitted rows are the train split's rows (a subset's, when indexed), then their
+horizontal mirrors with flips; given a validation split (``val=``), its rows follow
+(then theirs mirrors with flips), so that one symmetric block holds train + val: the
+solve stage selects hyperparameters on the val rows against the train rows and then
+refits on all of them (the thesis's training-set sizes). ``kernel.json``'s
+``inputs.train.layout`` lists these segments (split, first and last row, mirrored).
+Without ``val=`` (a subset, which is not refit) the val split is an eval split.
+
 An estimate shard directory holds raw sums instead: ``train.npy``, ``<eval>.npy``,
 ``<eval>_sqnorm.npy`` and ``shard.json``.
 """
@@ -23,16 +32,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from neural_kernels.architectures import myrtle
+from neural_kernels.data.rows import StackedRows
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
-from neural_kernels.kernels.estimate import EstimateSettings, estimate_sums, normalized_kernel
+from neural_kernels.kernels.estimate import EstimateSettings, estimate_sums, projected_kernel
+from neural_kernels.kernels.layout import KERNEL_META, SHARD_META
 from neural_kernels.outputs import staged_directory, write_json
 
 log = logging.getLogger(__name__)
-
-KERNEL_META = "kernel.json"
-SHARD_META = "shard.json"
 
 
 class ImageRows:
@@ -103,10 +111,48 @@ def _load_indices(path: Path | None) -> NDArray | None:
         raise DataError(f"cannot read indices {path} ({error})") from None
 
 
+class FittedRows(StackedRows):
+    """The fitted rows: train (then mirrors), then val (then mirrors) when given."""
+
+    def __init__(self, parts: Mapping[str, ImageRows]):
+        super().__init__(list(parts.values()))
+        self.named = dict(parts)
+
+    def layout(self) -> list[dict]:
+        """The segments of rows: split, ``[start, stop)`` and whether mirrored."""
+        segments = []
+        for (split, part), start in zip(self.named.items(), self.offsets, strict=False):
+            start = int(start)
+            segments.append(
+                {"split": split, "start": start, "stop": start + part.count, "mirrored": False}
+            )
+            if part.flips:
+                segments.append(
+                    {
+                        "split": split,
+                        "start": start + part.count,
+                        "stop": start + 2 * part.count,
+                        "mirrored": True,
+                    }
+                )
+        return segments
+
+
 def _inputs(
-    train: Path, evals: Mapping[str, Path], train_indices: Path | None, flips: bool
-) -> tuple[ImageRows, dict[str, ImageRows]]:
-    rows = ImageRows(Path(train), _load_indices(train_indices), flips)
+    train: Path,
+    evals: Mapping[str, Path],
+    train_indices: Path | None,
+    flips: bool,
+    val: Path | None = None,
+) -> tuple[FittedRows, dict[str, ImageRows]]:
+    parts = {"train": ImageRows(Path(train), _load_indices(train_indices), flips)}
+    if val is not None:
+        if "val" in evals:
+            raise NeuralKernelsError(
+                "the val split is either fitted (val=...) or an eval split, not both"
+            )
+        parts["val"] = ImageRows(Path(val), flips=flips)
+    rows = FittedRows(parts)
     eval_rows = {name: ImageRows(Path(p)) for name, p in evals.items()}
     for name, images in eval_rows.items():
         if images.shape[1:] != rows.shape[1:]:
@@ -116,13 +162,16 @@ def _inputs(
     return rows, eval_rows
 
 
-def _describe(train: ImageRows, evals: Mapping[str, ImageRows]) -> dict:
+def _describe(rows: FittedRows, evals: Mapping[str, ImageRows]) -> dict:
+    train = rows.named["train"]
     return {
         "train": {
             "file": str(train.path),
-            "rows": len(train),
+            "rows": len(rows),
             "flips": train.flips,
             "subset": train.indices is not None,
+            "files": {split: str(part.path) for split, part in rows.named.items()},
+            "layout": rows.layout(),
         },
         **{name: {"file": str(e.path), "rows": len(e)} for name, e in evals.items()},
         "image_shape": list(train.shape[1:]),
@@ -142,13 +191,18 @@ def estimate_shard(
     shard: int = 0,
     shards: int = 1,
     train_indices: Path | None = None,
+    val: Path | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """One shard of an estimated kernel: raw float64 sums over its networks' features."""
+    """One shard of an estimated kernel: raw float64 sums over its networks' features.
+
+    ``val`` puts the validation rows into the fitted (symmetric) block after the train
+    rows (see the module docstring).
+    """
     net = myrtle(arch, activation, gamma)
     chunks = settings.shard_chunks(shard, shards)
-    rows, eval_rows = _inputs(train, evals, train_indices, flips)
+    rows, eval_rows = _inputs(train, evals, train_indices, flips, val)
     run_device = resolve_device(device, stage=f"kernel-shard {shard + 1}/{shards}")
     reset_peak_memory(run_device)
     started = time.perf_counter()
@@ -228,6 +282,7 @@ def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) 
                     "rerun the shards with one configuration"
                 )
     settings = EstimateSettings(**first["settings"])
+    final = myrtle(first["arch"], first["activation"], first["gamma"]).final
     covered = sorted(c for meta in metas for c in range(*meta["chunks"]))
     if covered != list(range(settings.chunks)):
         raise NeuralKernelsError(
@@ -256,7 +311,7 @@ def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) 
                 if name == "train"
                 else sum(np.load(Path(d) / f"{name}_sqnorm.npy") for d in shard_dirs)
             )
-            normalized_kernel(outs[name], row_sq, diag, out=outs[name], block_rows=block_rows)
+            projected_kernel(outs[name], row_sq, diag, final, out=outs[name], block_rows=block_rows)
             outs[name].flush()
         record = {
             key: first[key]
@@ -298,16 +353,20 @@ def analytic_files(
     block_size: int | None = None,
     precision: str = "float64",
     train_indices: Path | None = None,
+    val: Path | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """The analytic kernel directory; an interrupted run resumes from finished blocks.
 
+    ``val`` puts the validation rows into the fitted (symmetric) block after the train
+    rows (see the module docstring).
+
     Blocks are written to memory maps in ``.<out_dir name>.resume/`` beside
     ``out_dir``, with a mask of finished blocks, and moved in at the end.
     """
     net = myrtle(arch, activation, gamma)
-    rows, eval_rows = _inputs(train, evals, train_indices, flips)
+    rows, eval_rows = _inputs(train, evals, train_indices, flips, val)
     run_device = resolve_device(device, stage="kernel-analytic")
     out_dir = Path(out_dir)
     scratch = out_dir.parent / f".{out_dir.name}.resume"

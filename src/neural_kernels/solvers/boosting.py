@@ -63,7 +63,8 @@ def boosting_path(
     device), ``evals`` maps a split name to ``K(Z, X)``. All ``eta t`` runs share the
     batch shuffles and each batch's eigendecomposition. Yields ``(step, scores)`` with
     ``scores[i]`` the predictions ``{"train": F(X), <split>: F(Z)}`` of ``eta_ts[i]``
-    after ``step`` steps (1-based).
+    after ``step`` steps (1-based): copies, which later steps leave alone, so
+    ``list(boosting_path(...))`` holds every step's own predictions.
     """
     n = kernel.shape[0]
     if kernel.ndim != 2 or kernel.shape[1] != n or len(targets) != n:
@@ -100,4 +101,7 @@ def boosting_path(
             scores["train"] += kernel_matmul(kernel, alpha, block_rows)
             for name, k in evals.items():
                 scores[name] += kernel_matmul(k, alpha, block_rows)
-            yield step, [{name: s[:, cols] for name, s in scores.items()} for cols in columns]
+            yield (
+                step,
+                [{name: s[:, cols].clone() for name, s in scores.items()} for cols in columns],
+            )

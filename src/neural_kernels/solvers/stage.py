@@ -1,17 +1,32 @@
 """The ``solve`` stage: one solver on one kernel directory, with model selection.
 
-Reads ``<kernel dir>/{train,val,test}.npy`` and ``kernel.json`` (see
-``neural_kernels.kernels.stage``) and the integer labels of each split; fits every
-hyperparameter of the solver's grid; picks the one with the best *validation*
-accuracy (the headline number is that choice's test accuracy) and also records the
-best-on-test value, labelled as such, because the reference implementation of the
-analytic-kernel paper (Shankar et al. 2020) selected on the test set.
+Reads a kernel directory (``train.npy``, the eval blocks and ``kernel.json``, see
+``neural_kernels.kernels.stage``) and the integer labels of each split, and follows
+the thesis's protocol:
 
-Ties go to the most regularised candidate: the smallest ``eta t`` (flow), the largest
-``lambda`` (ridge), the fewest steps and then the smallest ``eta t`` (boosting).
+1. **Selection.** Fit every hyperparameter of the solver's grid (``eta t``, ``lambda``,
+   boosting steps) on the *train* rows and score it on the validation split; the
+   candidate with the best validation accuracy is selected. Ties go to the most
+   regularised candidate: the smallest ``eta t`` (flow), the largest ``lambda``
+   (ridge), the fewest steps and then the smallest ``eta t`` (boosting).
+2. **Refit.** When the kernel's fitted rows hold the validation split after the train
+   rows (its symmetric block covers train + val: the full splits), fit the grid again
+   on *train + val* (with their mirrors under flips) and score it on the test split:
+   the headline is the test accuracy of the selected candidate refit on train + val,
+   so the training set has the thesis's size (CIFAR-10: 50,000 images). A subset's
+   kernel (val is an eval block there) is not refit: the thesis trains on exactly the
+   subset's images.
 
-Outputs in ``out_dir``: ``predictions.npz`` (the selected model's scores and predicted
-classes on val and test, with the true labels) and ``metrics.json`` (written last).
+Every grid point records ``accuracy``: ``val`` from the selection fit, ``test`` (and
+``train``, on the rows it was fitted on) from the headline fit. ``best_on_test`` is the
+grid point with the best of those test accuracies, labelled as such: the reference
+implementation of the analytic-kernel paper (Shankar et al. 2020) chose its
+regulariser on the test set after fitting on the whole training set, and that is the
+protocol it reproduces.
+
+Outputs in ``out_dir``: ``predictions.npz`` (the selected candidate's scores and
+predicted classes on val, from the selection fit, and on test, from the headline fit,
+with the true labels) and ``metrics.json`` (written last).
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +47,7 @@ from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.outputs import staged_directory, write_json
 from neural_kernels.solvers.boosting import boosting_path
-from neural_kernels.solvers.flow import flow_path, one_hot_targets, ridge_path
+from neural_kernels.solvers.flow import Matrix, flow_path, one_hot_targets, ridge_path
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +118,57 @@ def _load_npy(path: Path, mmap: bool = False) -> NDArray:
         raise DataError(f"cannot read {path} as a .npy array ({error})") from None
 
 
-def load_problem(
-    kernel_dir: Path, labels: Mapping[str, Path]
-) -> tuple[dict, dict[str, NDArray], dict[str, NDArray]]:
-    """``kernel.json``, the kernel blocks (memory-mapped) and the labels of each split.
+@dataclass
+class Fit:
+    """One fit of the grid: a kernel block, the targets' labels, the blocks it scores."""
 
-    With flips the kernel's train rows are the images then their mirrors, so the train
-    labels are repeated. Shapes are checked against the labels.
+    kernel: Matrix  # K(X, X) of the fitted rows
+    labels: NDArray  # the class of every fitted row
+    evals: dict[str, Matrix]  # split -> K(Z, X)
+    eval_labels: dict[str, NDArray]
+    images: int  # distinct images fitted (mirrors not counted)
+    splits: tuple[str, ...]  # the splits whose rows are fitted
+
+
+@dataclass
+class Problem:
+    """A kernel directory read for solving: its record, the selection fit and the refit."""
+
+    record: dict
+    selection: Fit
+    refit: Fit | None
+    num_classes: int
+    sizes: dict[str, int]  # images per split
+
+
+def _layout(record: dict, kernel_dir: Path) -> list[dict]:
+    """The fitted rows' segments from ``kernel.json``, checked to tile the block."""
+    try:
+        layout = record["inputs"]["train"]["layout"]
+        rows = record["inputs"]["train"]["rows"]
+    except (KeyError, TypeError):
+        raise DataError(
+            f"{kernel_dir / 'kernel.json'} does not describe its fitted rows (inputs.train."
+            "layout): it was written by an older version; recompute the kernel"
+        ) from None
+    expected = 0
+    for segment in layout:
+        if segment["start"] != expected or segment["split"] not in ("train", "val"):
+            raise DataError(f"{kernel_dir / 'kernel.json'}: malformed row layout {layout}")
+        expected = segment["stop"]
+    if expected != rows or not layout or layout[0]["split"] != "train":
+        raise DataError(f"{kernel_dir / 'kernel.json'}: row layout {layout} for {rows} rows")
+    splits = [segment["split"] for segment in layout]
+    if "val" in splits and splits.index("val") < len(splits) - splits[::-1].index("train"):
+        raise DataError(f"{kernel_dir / 'kernel.json'}: val rows must follow every train row")
+    return layout
+
+
+def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
+    """Read a kernel directory and the labels of each split; build the fits.
+
+    The fitted rows' labels follow ``kernel.json``'s layout (mirrored rows repeat their
+    images' labels). Every block's shape is checked against the labels.
     """
     kernel_dir = Path(kernel_dir)
     meta_path = kernel_dir / "kernel.json"
@@ -123,36 +182,75 @@ def load_problem(
     if missing:
         raise NeuralKernelsError(f"labels missing for split(s) {', '.join(missing)}")
     ys = {split: _load_npy(Path(labels[split])).astype(np.int64) for split in SPLITS}
-    if record.get("flips"):
-        ys["train"] = np.concatenate([ys["train"], ys["train"]])
-    blocks = {split: _load_npy(kernel_dir / f"{split}.npy", mmap=True) for split in SPLITS}
-    n = len(ys["train"])
-    doubled = " (train labels doubled by flips)" if record.get("flips") else ""
-    for split in SPLITS:
-        expected = (len(ys[split]), n)
-        if blocks[split].shape != expected:
+    layout = _layout(record, kernel_dir)
+    for segment in layout:
+        if segment["stop"] - segment["start"] != len(ys[segment["split"]]):
             raise DataError(
-                f"{kernel_dir / (split + '.npy')} has shape {blocks[split].shape} but the "
-                f"labels give {expected}{doubled}; "
-                "were the kernel and the labels made from the same dataset and subset?"
+                f"{kernel_dir}: the kernel has {segment['stop'] - segment['start']} "
+                f"{segment['split']} rows{' (mirrored)' if segment['mirrored'] else ''} but "
+                f"the labels give {len(ys[segment['split']])}; were the kernel and the labels "
+                "made from the same dataset and subset?"
             )
-    return record, blocks, ys
+    fitted = [segment["split"] for segment in layout]
+    train_rows = max(seg["stop"] for seg in layout if seg["split"] == "train")
+    row_labels = np.concatenate([ys[segment["split"]] for segment in layout])
+    block_names = ["train", *(split for split in SPLITS if split not in fitted)]
+    blocks = {name: _load_npy(kernel_dir / f"{name}.npy", mmap=True) for name in block_names}
+    n = len(row_labels)
+    for name, block in blocks.items():
+        expected = (n if name == "train" else len(ys[name]), n)
+        if block.shape != expected:
+            raise DataError(
+                f"{kernel_dir / (name + '.npy')} has shape {block.shape} but kernel.json and "
+                f"the labels give {expected}; recompute the kernel or pass its own labels"
+            )
+    kernel = blocks["train"]
+    images = {split: len(ys[split]) for split in SPLITS}
+    if "val" in fitted:
+        val = next(seg for seg in layout if seg["split"] == "val" and not seg["mirrored"])
+        selection = Fit(
+            kernel=kernel[:train_rows, :train_rows],
+            labels=row_labels[:train_rows],
+            evals={"val": kernel[val["start"] : val["stop"], :train_rows]},
+            eval_labels={"val": ys["val"]},
+            images=images["train"],
+            splits=("train",),
+        )
+        refit = Fit(
+            kernel=kernel,
+            labels=row_labels,
+            evals={"test": blocks["test"]},
+            eval_labels={"test": ys["test"]},
+            images=images["train"] + images["val"],
+            splits=("train", "val"),
+        )
+    else:
+        selection = Fit(
+            kernel=kernel,
+            labels=row_labels,
+            evals={"val": blocks["val"], "test": blocks["test"]},
+            eval_labels={"val": ys["val"], "test": ys["test"]},
+            images=images["train"],
+            splits=("train",),
+        )
+        refit = None
+    num_classes = int(max(y.max(initial=0) for y in ys.values())) + 1
+    return Problem(record, selection, refit, num_classes, images)
 
 
 def _candidates(
     settings: SolverSettings,
-    blocks: Mapping[str, NDArray],
+    fit: Fit,
     targets: torch.Tensor,
     device: torch.device,
     progress: bool,
 ) -> Iterator[tuple[dict, dict[str, torch.Tensor] | str]]:
     """``(hyperparameters, predictions or an error message)`` for every grid point."""
-    evals = {split: blocks[split] for split in SPLITS if split != "train"}
     if settings.method == "boosting":
         path = boosting_path(
-            blocks["train"],
+            fit.kernel,
             targets,
-            evals,
+            fit.evals,
             batch_size=settings.batch_size,
             steps=settings.steps,
             eta_ts=settings.eta_t,
@@ -163,13 +261,45 @@ def _candidates(
             for eta_t, score in zip(settings.eta_t, scores, strict=True):
                 yield {"step": step, "eta_t": eta_t}, score
         return
-    kernel = torch.from_numpy(np.array(blocks["train"], dtype=np.float64)).to(device)
+    kernel = torch.from_numpy(np.array(fit.kernel, dtype=np.float64)).to(device)
     if settings.method == "flow":
-        for eta_t, score in flow_path(kernel, targets, evals, settings.eta_t):
+        for eta_t, score in flow_path(kernel, targets, fit.evals, settings.eta_t):
             yield {"eta_t": eta_t}, score
     else:
-        for lam, score in ridge_path(kernel, targets, evals, settings.lambdas):
+        for lam, score in ridge_path(kernel, targets, fit.evals, settings.lambdas):
             yield {"lambda": lam}, score
+
+
+def _key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def _run_grid(
+    settings: SolverSettings,
+    fit: Fit,
+    num_classes: int,
+    device: torch.device,
+    progress: bool,
+    keep: Callable[[dict, dict[str, float]], bool],
+) -> tuple[dict[tuple, dict], dict[str, NDArray]]:
+    """Every grid point's accuracies on ``fit``; the eval scores of the point ``keep``
+    accepts last (``keep(params, accuracy)`` is asked in grid order)."""
+    targets = torch.from_numpy(one_hot_targets(fit.labels, num_classes)).to(device)
+    started = time.perf_counter()
+    points: dict[tuple, dict] = {}
+    kept: dict[str, NDArray] = {}
+    for params, scores in _candidates(settings, fit, targets, device, progress):
+        if isinstance(scores, str):
+            log.warning("%s: %s", params, scores)
+            points[_key(params)] = {**params, "error": scores}
+            continue
+        acc = {"train": accuracy(scores["train"], fit.labels)}
+        acc |= {split: accuracy(scores[split], y) for split, y in fit.eval_labels.items()}
+        points[_key(params)] = {**params, "accuracy": acc, "seconds": time.perf_counter() - started}
+        if keep(params, acc):
+            kept = {split: scores[split].float().cpu().numpy() for split in fit.evals}
+    del targets
+    return points, kept
 
 
 def solve_files(
@@ -181,49 +311,96 @@ def solve_files(
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Fit ``settings``' grid on ``kernel_dir``, select on val, write ``out_dir``."""
+    """Select ``settings``' grid on val, refit on train + val where the kernel allows it,
+    write ``out_dir`` (see the module docstring)."""
     started = time.perf_counter()
-    record, blocks, ys = load_problem(kernel_dir, labels)
-    num_classes = int(max(y.max(initial=0) for y in ys.values())) + 1
+    problem = load_problem(kernel_dir, labels)
     run_device = resolve_device(device, stage=f"solve ({settings.method})")
     reset_peak_memory(run_device)
-    targets = torch.from_numpy(one_hot_targets(ys["train"], num_classes)).to(run_device)
     loaded = time.perf_counter()
 
-    grid: list[dict] = []
-    selected: dict | None = None
-    best_on_test: dict | None = None
-    kept: dict[str, NDArray] = {}
-    for params, scores in _candidates(settings, blocks, targets, run_device, progress):
-        if isinstance(scores, str):
-            log.warning("%s: %s", params, scores)
-            grid.append({**params, "error": scores})
-            continue
-        acc = {split: accuracy(scores[split], ys[split]) for split in SPLITS}
-        point = {**params, "accuracy": acc, "seconds": time.perf_counter() - loaded}
-        grid.append(point)
-        if selected is None or acc["val"] > selected["accuracy"]["val"]:
-            selected = point
-            kept = {split: scores[split].float().cpu().numpy() for split in ("val", "test")}
-        if best_on_test is None or acc["test"] > best_on_test["accuracy"]["test"]:
-            best_on_test = point
-    if selected is None:
+    best: dict = {}
+
+    def better_on_val(params: dict, acc: dict[str, float]) -> bool:
+        if best and acc["val"] <= best["accuracy"]["val"]:
+            return False
+        best.update(params=params, accuracy=acc)
+        return True
+
+    selection, kept = _run_grid(
+        settings, problem.selection, problem.num_classes, run_device, progress, better_on_val
+    )
+    if not best:
+        first_error = next(iter(selection.values())).get("error", "")
         raise NeuralKernelsError(
-            f"every grid point of the {settings.method} solver failed "
-            f"({grid[0].get('error', '')}); widen the grid (larger lambdas) or use the flow"
+            f"every grid point of the {settings.method} solver failed ({first_error}); "
+            "widen the grid (larger lambdas) or use the flow"
         )
-    solve_seconds = time.perf_counter() - loaded
+    selected_key = _key(best["params"])
+    selection_seconds = time.perf_counter() - loaded
+    refit_points: dict[tuple, dict] = {}
+    if problem.refit is not None:
+        refit_points, refit_kept = _run_grid(
+            settings,
+            problem.refit,
+            problem.num_classes,
+            run_device,
+            progress,
+            lambda params, acc: _key(params) == selected_key,
+        )
+        if "error" in refit_points[selected_key]:
+            raise NeuralKernelsError(
+                f"the selected {best['params']} fails on train + val "
+                f"({refit_points[selected_key]['error']}); widen the grid (larger lambdas) or "
+                "use the flow"
+            )
+        kept["test"] = refit_kept["test"]
+    refit_seconds = time.perf_counter() - loaded - selection_seconds
+
+    grid = []
+    for key, point in selection.items():
+        if problem.refit is not None:
+            again = refit_points[key]
+            if "error" in point or "error" in again:
+                point = {**point, "error": point.get("error") or f"refit: {again['error']}"}
+                point.pop("accuracy", None)
+            else:
+                point = {
+                    **point,
+                    "accuracy": {
+                        "train": again["accuracy"]["train"],
+                        "val": point["accuracy"]["val"],
+                        "test": again["accuracy"]["test"],
+                    },
+                    "seconds": point["seconds"] + again["seconds"],
+                }
+        grid.append(point)
+    scored = [point for point in grid if "accuracy" in point]
+    selected = next(point for point in scored if _key(_params(point)) == selected_key)
+    best_on_test = max(scored, key=lambda point: point["accuracy"]["test"])
+    headline = problem.refit or problem.selection
+    fitted_rows = {"selection": len(problem.selection.labels)}
+    if problem.refit is not None:
+        fitted_rows["refit"] = len(problem.refit.labels)
     result = {
         "method": settings.method,
         "settings": settings.describe(),
         "kernel_dir": str(kernel_dir),
         "kernel": {
-            key: record.get(key)
+            key: problem.record.get(key)
             for key in ("method", "arch", "activation", "gamma", "flips", "features")
         },
         "targets": TARGETS,
-        "num_classes": num_classes,
-        "sizes": {split: len(ys[split]) for split in SPLITS},
+        "num_classes": problem.num_classes,
+        "sizes": problem.sizes,
+        "refit": problem.refit is not None,
+        "protocol": _protocol(problem),
+        "training_size": {
+            "images": headline.images,
+            "rows": len(headline.labels),
+            "splits": list(headline.splits),
+        },
+        "fitted_rows": fitted_rows,
         "grid": grid,
         "selected": {
             **selected,
@@ -233,22 +410,45 @@ def solve_files(
         "best_on_test": {
             **best_on_test,
             "note": "chosen on the test split itself (optimistic), as the reference "
-            "implementation of Shankar et al. 2020 selected",
+            "implementation of Shankar et al. 2020 selected, after fitting on "
+            + " + ".join(headline.splits),
         },
         "device": device_name(run_device),
         "seconds": {
             "load": loaded - started,
-            "solve": solve_seconds,
+            "selection": selection_seconds,
+            "refit": refit_seconds,
+            "solve": time.perf_counter() - loaded,
             "total": time.perf_counter() - started,
         },
         **peak_memory_mb(run_device),
     }
+    eval_labels = {**problem.selection.eval_labels, **headline.eval_labels}
     with staged_directory(Path(out_dir), last=METRICS) as stage:
         np.savez(
             stage / PREDICTIONS,
             **{f"{split}_scores": kept[split] for split in kept},
             **{f"{split}_predictions": kept[split].argmax(axis=1) for split in kept},
-            **{f"{split}_labels": ys[split] for split in kept},
+            **{f"{split}_labels": eval_labels[split] for split in kept},
         )
         write_json(stage / METRICS, result)
     return result
+
+
+def _params(point: dict) -> dict:
+    return {key: point[key] for key in ("eta_t", "lambda", "step") if key in point}
+
+
+def _protocol(problem: Problem) -> str:
+    selection = problem.selection
+    if problem.refit is None:
+        return (
+            f"selected on val after fitting on train ({selection.images} images, "
+            f"{len(selection.labels)} rows); not refit: the training set is the train "
+            "split itself"
+        )
+    return (
+        f"selected on val after fitting on train ({selection.images} images, "
+        f"{len(selection.labels)} rows), then refit on train + val ({problem.refit.images} "
+        f"images, {len(problem.refit.labels)} rows) and scored on test"
+    )

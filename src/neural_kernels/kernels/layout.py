@@ -1,0 +1,30 @@
+"""The files of a kernel directory and of an estimate shard (torch-free: the workflow's
+Snakefiles read these names to declare their outputs).
+
+A *full* split's kernel fits the validation rows too (one symmetric ``train.npy`` over
+train + val, which the solve stage selects on and then refits on): its eval blocks
+are ``test`` only. A *subset*'s kernel is not refit: ``val`` stays an eval block.
+"""
+
+from __future__ import annotations
+
+KERNEL_META = "kernel.json"
+SHARD_META = "shard.json"
+
+
+def eval_splits(fits_val: bool) -> list[str]:
+    """The splits scored against the fitted rows (separate ``<split>.npy`` blocks)."""
+    return ["test"] if fits_val else ["val", "test"]
+
+
+def kernel_files(fits_val: bool) -> list[str]:
+    """Every file of a kernel directory, ``kernel.json`` last."""
+    return ["train.npy", *(f"{split}.npy" for split in eval_splits(fits_val)), KERNEL_META]
+
+
+def shard_files(fits_val: bool) -> list[str]:
+    """Every file of an estimate shard directory (raw sums), ``shard.json`` last."""
+    blocks = [
+        f"{split}{suffix}.npy" for split in eval_splits(fits_val) for suffix in ("", "_sqnorm")
+    ]
+    return ["train.npy", *blocks, SHARD_META]
