@@ -29,6 +29,7 @@ class Results:
 
     root: Path
     datasets: dict[str, dict] = field(default_factory=dict)  # name -> meta.json
+    subsets: dict[tuple[str, str], dict] = field(default_factory=dict)  # (name, view) -> meta
     zca: dict[str, dict] = field(default_factory=dict)  # name -> zca.json
     kernels: list[dict] = field(default_factory=list)  # kernel.json + dataset/view/name
     solves: list[dict] = field(default_factory=list)  # metrics.json + dataset/view/kernel_name
@@ -90,6 +91,9 @@ def collect(results_dir: Path) -> Results:
     results = Results(root)
     for meta in sorted(root.glob("data/*/meta.json")):
         results.datasets[meta.parent.name] = read_json(meta, ("source", "splits"))
+    for meta in sorted(root.glob("data/*/subsets/*/meta.json")):
+        _, dataset, _, view, _ = _parts(meta, root)
+        results.subsets[(dataset, view)] = read_json(meta, ("size", "seed"))
     for meta in sorted(root.glob("zca/*/zca.json")):
         results.zca[meta.parent.name] = read_json(meta, ("variant", "solver"))
     for meta in sorted(root.glob("kernels/*/*/*/kernel.json")):
@@ -100,7 +104,9 @@ def collect(results_dir: Path) -> Results:
         )
     for meta in sorted(root.glob("solve/*/*/*/*/metrics.json")):
         _, dataset, view, kernel_name, solver, _ = _parts(meta, root)
-        record = read_json(meta, ("method", "kernel", "grid", "selected", "test_accuracy"))
+        record = read_json(
+            meta, ("method", "kernel", "grid", "selected", "test_accuracy", "best_on_test")
+        )
         results.solves.append(
             record
             | {

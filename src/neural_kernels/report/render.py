@@ -152,7 +152,7 @@ def render_report(
     context = build_context(results_dir, thesis_path, config, repo)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates),
-        autoescape=jinja2.select_autoescape(["html"]),
+        autoescape=jinja2.select_autoescape(["html", "html.j2"]),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

@@ -1,0 +1,163 @@
+"""What each table's experiments of ours ran, in plain words, from the results' metadata.
+
+Every statement is generated from the files our stages wrote (a solve's
+``metrics.json``, its kernel's ``kernel.json``, the dataset's ``zca.json`` and subset
+``meta.json``, a network's ``metrics.json``), never written by hand for a cell, and
+set beside what the thesis did (the table's ``thesis_experiment`` in
+``report/thesis.yaml``) where the two differ: the training-set size and protocol,
+the kernel (estimated or analytic, and what the analytic one would cost), the ZCA,
+the solvers, the architectures that are our reconstruction, the subsets' sampling,
+and the cells whose thesis value is Shankar et al.'s test-selected number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from neural_kernels.catalog import MYRTLE_STAGES, RECONSTRUCTED
+from neural_kernels.report.collect import Results
+
+if TYPE_CHECKING:  # pragma: no cover
+    from neural_kernels.report.tables import Entry, Table
+
+SOLVERS = {
+    "flow": "gradient flow, eta t chosen on val",
+    "ridge": "kernel ridge regression, lambda chosen on val",
+    "boosting": "batched boosting, the step and eta t chosen on val",
+}
+ZCA = {
+    "thesis": "the thesis's (feature-centred, singular values + eps)",
+    "shankar": "Shankar et al.'s (per-image centring and unit norm, eigenvalue bias eps)",
+}
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _scope(entry: Entry) -> str:
+    return "" if entry.same_dataset else "digits analogue: "
+
+
+def _kernel_record(results: Results, solve: dict) -> dict:
+    """The ``kernel.json`` of the kernel a solve ran on (empty if it is not there)."""
+    key = (solve["dataset"], solve["view"], solve["kernel_name"])
+    return next((k for k in results.kernels if (k["dataset"], k["view"], k["name"]) == key), {})
+
+
+def _training(entry: Entry, results: Results, thesis: dict) -> str | None:
+    """The training set and protocol of one entry."""
+    record = entry.records[0]
+    size = record.get("training_size")
+    if size is None:
+        return None
+    images, rows = size["images"], size.get("rows", size["images"])
+    mirrors = f", {rows:,} rows with their horizontal mirrors (no crops)" if rows != images else ""
+    thesis_size = thesis.get("train_images") if entry.same_dataset else None
+    versus = f" (the thesis: {thesis_size:,})" if thesis_size and thesis_size != images else ""
+    if entry.kind == "network":
+        epochs = record["settings"]["epochs"]
+        return (
+            f"{_scope(entry)}network {record['name']}: trained on train + val, {images:,} "
+            f"images{versus}, for {epochs} epochs; the final epoch is reported"
+        )
+    kernel = record["kernel_name"]
+    if not record.get("refit"):
+        views = sorted({r["view"] for r in entry.records})
+        sampling = {
+            results.subsets.get((r["dataset"], r["view"]), {}).get("sampling", "random")
+            for r in entry.records
+        }
+        plural = "s" if len(views) != 1 else ""
+        return (
+            f"{_scope(entry)}{kernel}: {len(views)} {' / '.join(sorted(sampling))} subset"
+            f"{plural} of {images:,} training images{mirrors}{versus} ({', '.join(views)}); "
+            f"hyperparameters chosen on the parent's val split, not refit"
+        )
+    return (
+        f"{_scope(entry)}{kernel}: hyperparameters chosen on val after fitting on train, "
+        f"then refit on train + val: {images:,} training images{mirrors}{versus}"
+    )
+
+
+def _kernel(entry: Entry, results: Results, thesis: dict) -> str | None:
+    """What the kernel of a solve entry is, and the thesis's where it differs."""
+    solve = entry.records[0]
+    k = solve["kernel"]
+    name = f"{k['arch'].capitalize()} ({k['activation']})"
+    record = _kernel_record(results, solve)
+    settings = record.get("settings", {})
+    if k["method"] == "estimate":
+        networks, width = settings.get("networks"), settings.get("width")
+        detail = f" ({networks:,} networks of width {width})" if networks and width else ""
+        how = f"estimated from {k.get('features') or 0:,} random features{detail}"
+    else:
+        precision = settings.get("precision")
+        how = "computed exactly (the analytic recursion" + (f", {precision})" if precision else ")")
+    text = f"{_scope(entry)}{solve['kernel_name']}: the {name} kernel, {how}"
+    wanted = thesis.get("kernel_method")
+    if wanted and wanted != k["method"] and entry.same_dataset:
+        text += f"; the thesis used the {wanted} kernel here"
+        if thesis.get("analytic_cost"):
+            text += f" (ours: method: {wanted} in the config, {thesis['analytic_cost']})"
+    return text
+
+
+def _zca(dataset: str, results: Results) -> str | None:
+    record = results.zca.get(dataset)
+    if record is None:
+        return None
+    options = record.get("options", {})
+    fitted = record.get("fitted_on", [])
+    fitted = fitted if isinstance(fitted, list) else [fitted]
+    splits = " + ".join(path.rsplit("/", 1)[-1].removesuffix("_images.npy") for path in fitted)
+    mirrors = " and their mirrors" if options.get("flips") else ""
+    return (
+        f"ZCA of {dataset}: {ZCA.get(record['variant'], record['variant'])}, eps "
+        f"{record['eps']:g}, {record['solver']} solver of rank {record['rank']}, fitted on "
+        f"{splits or '?'}{mirrors}"
+    )
+
+
+def what_ours_ran(table: Table, thesis: dict, results: Results) -> list[str]:
+    """The table's plain-words statements of what our experiments are (see the module)."""
+    entries = table.entries()
+    lines: list[str] = []
+    for entry in entries:
+        if entry.kind in ("solve", "network"):
+            lines.append(_training(entry, results, thesis) or "")
+    for entry in entries:
+        if entry.kind == "solve":
+            lines.append(_kernel(entry, results, thesis) or "")
+    methods = _unique(
+        f"{e.records[0]['method']}: {SOLVERS.get(e.records[0]['method'], '')}"
+        for e in entries
+        if e.kind == "solve"
+    )
+    if methods:
+        lines.append("Solvers: " + "; ".join(methods))
+    datasets = _unique(r["dataset"] for e in entries if e.kind == "solve" for r in e.records)
+    lines += [_zca(dataset, results) or "" for dataset in datasets]
+    kernels = [e.records[0]["kernel"] if e.kind == "solve" else e.records[0] for e in entries]
+    archs = _unique(
+        (k["arch"], k["activation"])
+        for e, k in zip(entries, kernels, strict=True)
+        if e.kind != "network"
+    )
+    for arch, activation in archs:
+        if arch in RECONSTRUCTED:
+            stages = ", ".join(map(str, MYRTLE_STAGES[arch]))
+            lines.append(
+                f"{arch.capitalize()} is this project's reconstruction (the thesis names it "
+                f"without defining it): stages of ({stages}) 3x3 convolutions with "
+                f"{activation}, 2x2 average pools between them"
+            )
+    if any(entry.test_selected for entry in entries):
+        lines.append(
+            "Cells whose thesis value is Shankar et al.'s chose their regulariser on the "
+            "test set; beside our validation-selected value they show ours chosen the same "
+            "way, on the test split (of the refit grid where there is a refit): "
+            "'test-selected, as the reference did'"
+        )
+    return _unique(line for line in lines if line)
