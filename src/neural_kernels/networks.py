@@ -51,7 +51,7 @@ from tqdm import tqdm
 from neural_kernels import __version__
 from neural_kernels.architectures import Conv, Gaussian, Project, myrtle
 from neural_kernels.catalog import ACTIVATIONS, MYRTLE_STAGES
-from neural_kernels.data.prepared import load_meta, load_split
+from neural_kernels.data.prepared import REFIT_SPLITS, load_meta, load_split
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.outputs import staged_directory, write_json
@@ -591,8 +591,8 @@ def train_epoch(
 
 def fit_split(splits: dict[str, Split]) -> Split:
     """The train split followed by the validation split: the refit's training set."""
-    train, val = splits["train"], splits["val"]
-    return Split(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]))
+    parts = [splits[name] for name in REFIT_SPLITS]
+    return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
 
 #: What metrics.json says of the protocol (see the module docstring).
@@ -747,7 +747,7 @@ def train_network(
         "settings": settings.as_dict(),
         "data": data_record,
         "protocol": PROTOCOL,
-        "training_size": {"images": len(fit), "splits": ["train", "val"]},
+        "training_size": {"images": len(fit), "splits": list(REFIT_SPLITS)},
         "normalization": {"mean": mean, "std": std},
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": history,

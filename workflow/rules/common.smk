@@ -7,7 +7,12 @@ import os
 
 from snakemake.utils import validate
 
-from neural_kernels.data.prepared import SPLITS, prepared_files, subset_files
+from neural_kernels.data.prepared import (
+    REFIT_SPLITS,
+    SPLITS,
+    prepared_files,
+    subset_files,
+)
 from neural_kernels.data.sources import ARCHIVES
 from neural_kernels.kernels.layout import eval_splits, kernel_files, shard_files
 from neural_kernels.seeds import derived_seed
@@ -137,10 +142,10 @@ def zca_settings(name):
 
 def zca_args(wildcards):
     """Command-line options of `neural-kernels zca` for one dataset: fitted on train +
-    val (the first two inputs), the training set of the refit."""
+    val (the leading inputs, in SPLITS order), the training set of the refit."""
     cfg = zca_settings(wildcards.dataset)
     args = [
-        "--fit-on 2",
+        f"--fit-on {len(REFIT_SPLITS)}",
         f"--variant {cfg['variant']}",
         f"--solver {cfg['solver']}",
         f"--oversample {cfg['oversample']}",

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "neural_kernels.prepared/1"
 SPLITS = ("train", "val", "test")
+#: The refit's training set (hyperparameters are selected on val, then the models are
+#: refit on both): the leading splits of SPLITS, in that order.
+REFIT_SPLITS = SPLITS[:2]
 META = "meta.json"
 COPY_CHUNK = 4096
 #: Share held out as test by sources without an official test split, unless told:

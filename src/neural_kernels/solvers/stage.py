@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from neural_kernels.data.prepared import REFIT_SPLITS
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.outputs import staged_directory, write_json
@@ -151,16 +152,16 @@ def _layout(record: dict, kernel_dir: Path) -> list[dict]:
             f"{kernel_dir / 'kernel.json'} does not describe its fitted rows (inputs.train."
             "layout): it was written by an older version; recompute the kernel"
         ) from None
-    expected = 0
-    for segment in layout:
-        if segment["start"] != expected or segment["split"] not in ("train", "val"):
-            raise DataError(f"{kernel_dir / 'kernel.json'}: malformed row layout {layout}")
-        expected = segment["stop"]
-    if expected != rows or not layout or layout[0]["split"] != "train":
-        raise DataError(f"{kernel_dir / 'kernel.json'}: row layout {layout} for {rows} rows")
     splits = [segment["split"] for segment in layout]
-    if "val" in splits and splits.index("val") < len(splits) - splits[::-1].index("train"):
-        raise DataError(f"{kernel_dir / 'kernel.json'}: val rows must follow every train row")
+    starts = [0, *(segment["stop"] for segment in layout)]
+    tiled = [segment["start"] for segment in layout] == starts[:-1] and starts[-1] == rows
+    # train rows first, then val rows (REFIT_SPLITS order), tiling [0, rows)
+    ordered = splits and splits[0] == "train" and set(splits) <= set(REFIT_SPLITS)
+    if not (tiled and ordered and splits == sorted(splits, key=REFIT_SPLITS.index)):
+        raise DataError(
+            f"{kernel_dir / 'kernel.json'}: malformed row layout {layout} for {rows} rows; "
+            "recompute the kernel"
+        )
     return layout
 
 
@@ -221,8 +222,8 @@ def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
             labels=row_labels,
             evals={"test": blocks["test"]},
             eval_labels={"test": ys["test"]},
-            images=images["train"] + images["val"],
-            splits=("train", "val"),
+            images=sum(images[split] for split in REFIT_SPLITS),
+            splits=REFIT_SPLITS,
         )
     else:
         selection = Fit(
