@@ -32,6 +32,7 @@ from neural_kernels.kernels.estimate import (
     chunk_parameters,
     random_features,
 )
+from neural_kernels.layout import script_benchmark
 
 CIFAR_TRAIN, CIFAR_TEST, THESIS_FEATURES = 50_000, 10_000, 800_000
 
@@ -146,7 +147,7 @@ def bench_digits(device: torch.device, n: int, precision: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/kernels.json"))
+    parser.add_argument("--out", type=Path, default=Path(script_benchmark("kernels")))
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     args = parser.parse_args()
     device = resolve_device(args.device)

@@ -33,6 +33,7 @@ import torch
 from sklearn.datasets import make_classification
 
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
+from neural_kernels.layout import script_benchmark
 from neural_kernels.solvers import boosting_path, flow_path, one_hot_targets, ridge_path
 from neural_kernels.solvers.stage import SolverSettings, solve_files
 
@@ -165,7 +166,7 @@ def boosting_target(scaling: list[dict], batch_size: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/solvers.json"))
+    parser.add_argument("--out", type=Path, default=Path(script_benchmark("solvers")))
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--batch-size", type=int, default=512, help="boosting M")
     parser.add_argument("--steps", type=int, default=24, help="boosting steps")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neural_kernels.layout import script_benchmark
+
 #: Bytes of float64 P x P matrices the exact solver holds at its peak (covariance,
 #: eigenvectors, LAPACK workspace).
 EXACT_MATRICES = 3
@@ -54,23 +56,20 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory
+    from neural_kernels.settings import ZcaSettings
     from neural_kernels.zca import zca_fit
 
     images = np.load(args.data, mmap_mode="r")
     device = torch.device(args.device)
+    settings = ZcaSettings(
+        solver=args.solver, rank=args.rank, oversample=args.oversample, power_iters=args.power_iters
+    )
     reset_peak_memory(device)
     before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    transform = zca_fit(
-        images,
-        solver=args.solver,
-        rank=args.rank,
-        device=device,
-        oversample=args.oversample,
-        power_iters=args.power_iters,
-    )
+    transform = zca_fit(images, settings, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -117,7 +116,7 @@ def main() -> None:
     parser.add_argument("--power-iters", type=int, default=4)
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu (+ cuda)")
     parser.add_argument("--memory-limit-gb", type=float, default=16.0)
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zca.json"))
+    parser.add_argument("--out", type=Path, default=Path(script_benchmark("zca")))
     # child-process options
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)

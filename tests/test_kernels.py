@@ -27,7 +27,14 @@ from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.kernels import analytic, stage
 from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size, l2_cache_bytes
 from neural_kernels.kernels.estimate import EstimateSettings, estimate_kernel
-from neural_kernels.kernels.stage import ImageRows, analytic_files, estimate_shard, merge_shards
+from neural_kernels.kernels.stage import (
+    ImageRows,
+    KernelInputs,
+    analytic_files,
+    estimate_shard,
+    merge_shards,
+)
+from neural_kernels.settings import AnalyticSettings, KernelSpec
 
 CPU = torch.device("cpu")
 
@@ -200,7 +207,11 @@ def test_estimate_converges_to_analytic_as_features_grow(digits):
     assert errors[f[2]] < 0.15, errors
     # The uncentred kernel is already close.
     full = estimate_kernel(
-        net, digits, settings=EstimateSettings(width=128, networks=32), device=CPU, progress=False
+        net,
+        digits,
+        settings=EstimateSettings(width=128, networks=32, chunk_networks=32),
+        device=CPU,
+        progress=False,
     )
     assert np.linalg.norm(full - exact) / np.linalg.norm(exact) < 0.01
 
@@ -275,21 +286,19 @@ def split_files(tmp_path: Path, digits) -> dict[str, Path]:
 SETTINGS = EstimateSettings(width=8, networks=16, chunk_networks=2, seed=1)
 
 
-def run_shards(files: dict[str, Path], root: Path, shards: int, **kwargs) -> dict:
+def run_shards(files: dict[str, Path], root: Path, shards: int, flips: bool = False) -> dict:
     dirs = []
     for shard in range(shards):
         dirs.append(root / f"s{shards}-{shard}")
         estimate_shard(
-            files["train"],
-            {"val": files["val"], "test": files["test"]},
+            KernelInputs(files["train"], {"val": files["val"], "test": files["test"]}),
             dirs[-1],
-            arch="myrtle5",
-            settings=SETTINGS,
+            KernelSpec("myrtle5", flips=flips),
+            SETTINGS,
             shard=shard,
             shards=shards,
             progress=False,
             device="cpu",
-            **kwargs,
         )
     merge_shards(dirs, root / f"merged{shards}")
     return {
@@ -320,12 +329,9 @@ def test_flips_double_train_rows_only(split_files, tmp_path):
     indexed = ImageRows(split_files["train"], np.load(split_files["indices"]))
     np.testing.assert_array_equal(indexed[2:6], base[[17, 3, 9, 12]])
     analytic_files(
-        split_files["train"],
-        {"test": split_files["test"]},
+        KernelInputs(split_files["train"], {"test": split_files["test"]}, split_files["indices"]),
         tmp_path / "an",
-        arch="myrtle5",
-        flips=True,
-        train_indices=split_files["indices"],
+        KernelSpec("myrtle5", flips=True),
         progress=False,
         device="cpu",
     )
@@ -345,8 +351,11 @@ def test_val_rows_join_the_fitted_block_after_train_and_its_mirrors(split_files,
     # and the test rows against all of them; kernel.json says which rows are which.
     train, val = np.load(split_files["train"]), np.load(split_files["val"])
     stacked = np.concatenate([train, train[:, :, ::-1], val, val[:, :, ::-1]])
-    inputs = (split_files["train"], {"test": split_files["test"]})
-    analytic_files(*inputs, tmp_path / "an", arch="myrtle5", flips=True, val=split_files["val"])
+    inputs = KernelInputs(
+        split_files["train"], {"test": split_files["test"]}, val=split_files["val"]
+    )
+    spec = KernelSpec("myrtle5", flips=True)
+    analytic_files(inputs, tmp_path / "an", spec)
     record = json.loads((tmp_path / "an" / "kernel.json").read_text())
     assert record["inputs"]["train"]["layout"] == [
         {"split": "train", "start": 0, "stop": 24, "mirrored": False},
@@ -364,8 +373,7 @@ def test_val_rows_join_the_fitted_block_after_train_and_its_mirrors(split_files,
     cross = analytic_kernel(net, stacked.astype(np.float64), test, progress=False)
     np.testing.assert_allclose(np.load(tmp_path / "an" / "test.npy"), cross, atol=1e-12)
     # The estimate's shards stack the same rows: equal to the estimate of the stacked set.
-    kwargs = dict(arch="myrtle5", settings=SETTINGS, flips=True, progress=False, device="cpu")
-    estimate_shard(*inputs, tmp_path / "s0", val=split_files["val"], **kwargs)
+    estimate_shard(inputs, tmp_path / "s0", spec, SETTINGS, progress=False, device="cpu")
     merge_shards([tmp_path / "s0"], tmp_path / "est")
     whole = estimate_kernel(net, stacked, settings=SETTINGS, device=CPU, progress=False)
     np.testing.assert_allclose(np.load(tmp_path / "est" / "train.npy"), whole, atol=1e-6)
@@ -373,15 +381,16 @@ def test_val_rows_join_the_fitted_block_after_train_and_its_mirrors(split_files,
     assert merged["inputs"]["train"]["layout"] == record["inputs"]["train"]["layout"]
     with pytest.raises(NeuralKernelsError, match="either fitted"):
         analytic_files(
-            split_files["train"], {"val": split_files["val"]}, tmp_path / "bad",
-            arch="myrtle5", val=split_files["val"], progress=False,
+            KernelInputs(split_files["train"], {"val": split_files["val"]}, val=split_files["val"]),
+            tmp_path / "bad", KernelSpec("myrtle5"), progress=False,
         )  # fmt: skip
 
 
 def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_path, monkeypatch):
-    kwargs = dict(arch="myrtle5", block_size=4, progress=False, device="cpu")
-    evals = {"val": split_files["val"]}
-    analytic_files(split_files["train"], evals, tmp_path / "fresh", **kwargs)
+    inputs = KernelInputs(split_files["train"], {"val": split_files["val"]})
+    args = (KernelSpec("myrtle5"), AnalyticSettings(block_size=4))
+    kwargs = dict(progress=False, device="cpu")
+    analytic_files(inputs, tmp_path / "fresh", *args, **kwargs)
     calls = {"n": 0}
     original = Serial.cross_kernel
 
@@ -393,11 +402,11 @@ def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_
 
     monkeypatch.setattr(Serial, "cross_kernel", failing)
     with pytest.raises(KeyboardInterrupt):
-        analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+        analytic_files(inputs, tmp_path / "out", *args, **kwargs)
     assert not (tmp_path / "out" / "kernel.json").exists()
     assert (tmp_path / ".out.resume").is_dir()
     calls["n"] = -1000
-    analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+    analytic_files(inputs, tmp_path / "out", *args, **kwargs)
     blocks = 6 * 7 // 2 + 2 * 6  # train triangle (6 x 6 blocks) + val (2 x 6 blocks)
     assert calls["n"] + 1000 == blocks - 9
     for name in ("train", "val"):
@@ -409,8 +418,8 @@ def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_
 
 def test_resumed_run_keeps_its_automatic_block_size(split_files, tmp_path, monkeypatch):
     """A retry on a host with another cache (or a GPU) keeps the finished blocks."""
-    kwargs = dict(arch="myrtle5", progress=False, device="cpu")
-    evals = {"val": split_files["val"]}
+    inputs = KernelInputs(split_files["train"], {"val": split_files["val"]})
+    spec, kwargs = KernelSpec("myrtle5"), dict(progress=False, device="cpu")
     monkeypatch.setattr(stage, "auto_block_size", lambda *args: 4)
     calls = {"n": 0}
     original = Serial.cross_kernel
@@ -423,13 +432,13 @@ def test_resumed_run_keeps_its_automatic_block_size(split_files, tmp_path, monke
 
     monkeypatch.setattr(Serial, "cross_kernel", failing)
     with pytest.raises(KeyboardInterrupt):
-        analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+        analytic_files(inputs, tmp_path / "out", spec, **kwargs)
     monkeypatch.setattr(stage, "auto_block_size", lambda *args: 7)  # the "other host"
     calls["n"] = -1000
-    record = analytic_files(split_files["train"], evals, tmp_path / "out", **kwargs)
+    record = analytic_files(inputs, tmp_path / "out", spec, **kwargs)
     assert record["settings"]["block_size"] == 4
     assert calls["n"] + 1000 == 6 * 7 // 2 + 2 * 6 - 9  # only the unfinished blocks
-    fresh = analytic_files(split_files["train"], evals, tmp_path / "fresh", **kwargs)
+    fresh = analytic_files(inputs, tmp_path / "fresh", spec, **kwargs)
     assert fresh["settings"]["block_size"] == 7  # no resume: this host's choice
     for name in ("train", "val"):
         np.testing.assert_allclose(
@@ -561,7 +570,7 @@ def test_gpu_matches_cpu(digits):
         analytic_kernel(net, x, device="cpu", progress=False),
         rtol=1e-10,
     )
-    settings = EstimateSettings(width=16, networks=8)
+    settings = EstimateSettings(width=16, networks=8, chunk_networks=32)
     np.testing.assert_allclose(
         estimate_kernel(
             net, digits[:16], settings=settings, device=torch.device("cuda"), progress=False

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from neural_kernels.errors import DataError, NeuralKernelsError
+from neural_kernels.settings import ZcaSettings
 from neural_kernels.zca import ZCATransform, whiten_files, zca_apply, zca_fit
 
 F64 = torch.float64
@@ -38,8 +39,10 @@ def whitened_rows(t: ZCATransform, images: np.ndarray) -> np.ndarray:
 def test_randomized_agrees_with_exact_on_top_k_subspace(variant):
     images = decaying_images()
     k = 12
-    exact = zca_fit(images, variant=variant, solver="exact", rank=k, eps=1e-4)
-    rand = zca_fit(images, variant=variant, solver="randomized", rank=k, eps=1e-4, dtype=F64)
+    exact = zca_fit(images, ZcaSettings(variant=variant, solver="exact", rank=k, eps=1e-4))
+    rand = zca_fit(
+        images, ZcaSettings(variant=variant, solver="randomized", rank=k, eps=1e-4, dtype="float64")
+    )
     # Stated tolerance: subspace distance ||P_exact - P_rand||_2 < 1e-6 and singular
     # values to 1e-8 relative (float64, gap ratio 0.8, 4 power iterations).
     assert np.linalg.norm(projector(exact) - projector(rand), 2) < 1e-6
@@ -51,7 +54,9 @@ def test_randomized_agrees_with_exact_on_top_k_subspace(variant):
 def test_thesis_whitened_covariance_is_identity_on_subspace(solver):
     images = decaying_images()
     n, k, eps = len(images), 10, 1e-3
-    t = zca_fit(images, variant="thesis", solver=solver, rank=k, eps=eps, dtype=F64)
+    t = zca_fit(
+        images, ZcaSettings(variant="thesis", solver=solver, rank=k, eps=eps, dtype="float64")
+    )
     z = whitened_rows(t, images)
     cov = np.cov(z, rowvar=False)  # centred, divided by N - 1
     on_subspace = t.components.T @ cov @ t.components
@@ -67,7 +72,9 @@ def test_thesis_whitened_covariance_is_identity_on_subspace(solver):
 def test_shankar_whitened_covariance_is_identity_on_subspace(solver):
     images = decaying_images()
     n, k, eps = len(images), 10, 1e-7
-    t = zca_fit(images, variant="shankar", solver=solver, rank=k, eps=eps, dtype=F64)
+    t = zca_fit(
+        images, ZcaSettings(variant="shankar", solver=solver, rank=k, eps=eps, dtype="float64")
+    )
     z = whitened_rows(t, images)
     on_subspace = t.components.T @ (z.T @ z / n) @ t.components
     lam = t.singular_values**2 / n
@@ -93,7 +100,7 @@ def reference_shankar(train: np.ndarray, test: np.ndarray, bias: float):
 def test_exact_shankar_matches_the_reference_recipe():
     images = decaying_images(n=200, shape=(4, 4, 3))
     train, test = images[:150], images[150:]
-    t = zca_fit(train, variant="shankar", solver="exact", eps=1e-5, dtype=F64)
+    t = zca_fit(train, ZcaSettings(variant="shankar", solver="exact", eps=1e-5, dtype="float64"))
     want_train, want_test = reference_shankar(train, test, 1e-5)
     np.testing.assert_allclose(whitened_rows(t, train), want_train, atol=1e-8)
     np.testing.assert_allclose(whitened_rows(t, test), want_test, atol=1e-8)
@@ -106,24 +113,30 @@ def test_exact_thesis_matches_svd_formula():
     _, d, vt = np.linalg.svd(centred, full_matrices=False)
     eps = 0.05
     want = centred @ vt.T @ np.diag(np.sqrt(len(x) - 1) / (d + eps)) @ vt
-    t = zca_fit(images, variant="thesis", solver="exact", eps=eps, dtype=F64)
+    t = zca_fit(images, ZcaSettings(variant="thesis", solver="exact", eps=eps, dtype="float64"))
     np.testing.assert_allclose(whitened_rows(t, images), want, atol=1e-8)
 
 
 def test_randomized_full_rank_shankar_equals_exact():
     images = decaying_images(n=100, shape=(3, 3, 2))
-    exact = zca_fit(images, variant="shankar", solver="exact", eps=1e-3)
-    rand = zca_fit(images, variant="shankar", solver="randomized", rank=18, eps=1e-3, dtype=F64)
+    exact = zca_fit(images, ZcaSettings(variant="shankar", solver="exact", eps=1e-3))
+    rand = zca_fit(
+        images,
+        ZcaSettings(variant="shankar", solver="randomized", rank=18, eps=1e-3, dtype="float64"),
+    )
     np.testing.assert_allclose(whitened_rows(rand, images), whitened_rows(exact, images), atol=1e-6)
 
 
 def test_rank_k_shankar_tends_to_exact_as_k_grows():
     images = decaying_images(n=200, shape=(4, 4, 2), decay=0.9)
-    exact = whitened_rows(zca_fit(images, variant="shankar", solver="exact", eps=1e-3), images)
+    exact = whitened_rows(
+        zca_fit(images, ZcaSettings(variant="shankar", solver="exact", eps=1e-3)), images
+    )
     errors = [
         np.linalg.norm(
             whitened_rows(
-                zca_fit(images, variant="shankar", solver="exact", rank=k, eps=1e-3), images
+                zca_fit(images, ZcaSettings(variant="shankar", solver="exact", rank=k, eps=1e-3)),
+                images,
             )
             - exact
         )
@@ -140,14 +153,19 @@ def test_randomized_shankar_complement_uses_the_mean_remaining_eigenvalue():
     # eps^-1/2, and the transform converges to the exact one as k grows.
     images = decaying_images(n=400, shape=(8, 8, 3), decay=0.99, seed=1)
     p, eps = 8 * 8 * 3, 1e-3
-    exact = whitened_rows(zca_fit(images, variant="shankar", solver="exact", eps=eps), images)
+    exact = whitened_rows(
+        zca_fit(images, ZcaSettings(variant="shankar", solver="exact", eps=eps)), images
+    )
 
     def error(t: ZCATransform) -> float:
         return np.abs(whitened_rows(t, images) - exact).max() / np.abs(exact).max()
 
     errors = {}
     for k in (16, 64, 128, 176):
-        t = zca_fit(images, variant="shankar", solver="randomized", rank=k, eps=eps, dtype=F64)
+        t = zca_fit(
+            images,
+            ZcaSettings(variant="shankar", solver="randomized", rank=k, eps=eps, dtype="float64"),
+        )
         rows = images.reshape(len(images), -1)
         rows = rows - rows.mean(axis=1, keepdims=True)
         trace = np.mean(np.sum((rows / np.linalg.norm(rows, axis=1, keepdims=True)) ** 2, 1))
@@ -166,8 +184,8 @@ def test_randomized_shankar_complement_uses_the_mean_remaining_eigenvalue():
 def test_flips_fit_equals_fit_on_flipped_copies():
     images = decaying_images(n=50, shape=(4, 5, 2))
     doubled = np.concatenate([images, images[:, :, ::-1]])
-    with_flips = zca_fit(images, solver="exact", flips=True, block_rows=7)
-    explicit = zca_fit(doubled, solver="exact")
+    with_flips = zca_fit(images, ZcaSettings(solver="exact", flips=True), block_rows=7)
+    explicit = zca_fit(doubled, ZcaSettings(solver="exact"))
     assert with_flips.n_samples == 100
     np.testing.assert_allclose(with_flips.mean, explicit.mean, atol=1e-12)
     np.testing.assert_allclose(with_flips.singular_values, explicit.singular_values, rtol=1e-6)
@@ -176,10 +194,10 @@ def test_flips_fit_equals_fit_on_flipped_copies():
 @pytest.mark.parametrize("solver", ["exact", "randomized"])
 def test_streaming_block_size_does_not_change_the_fit(solver, monkeypatch):
     images = (decaying_images(n=90) * 40 + 100).clip(0, 255).astype(np.uint8)
-    whole = zca_fit(images, solver=solver, rank=8, dtype=F64)
+    whole = zca_fit(images, ZcaSettings(solver=solver, rank=8, dtype="float64"))
     # Stream from the input on every pass, as for data larger than RESIDENT_BYTES.
     monkeypatch.setattr("neural_kernels.zca.RESIDENT_BYTES", 0)
-    small = zca_fit(images, solver=solver, rank=8, block_rows=7, dtype=F64)
+    small = zca_fit(images, ZcaSettings(solver=solver, rank=8, dtype="float64"), block_rows=7)
     np.testing.assert_allclose(projector(small), projector(whole), atol=1e-8)
     np.testing.assert_allclose(
         zca_apply(small, images, block_rows=5, dtype=F64), zca_apply(whole, images), atol=1e-4
@@ -194,10 +212,7 @@ def test_fit_then_apply_reproduces_the_stage_output(tmp_path):
     record = whiten_files(
         [tmp_path / "train_images.npy", tmp_path / "test_images.npy"],
         out,
-        variant="thesis",
-        solver="randomized",
-        rank=10,
-        eps=0.1,
+        ZcaSettings(variant="thesis", solver="randomized", rank=10, eps=0.1),
     )
     assert sorted(p.name for p in out.iterdir()) == [
         "test_images.npy", "train_images.npy", "transform.npz", "zca.json",
@@ -224,18 +239,18 @@ def test_fit_then_apply_reproduces_the_stage_output(tmp_path):
 def test_rank_larger_than_min_n_p_is_a_clear_error():
     images = decaying_images(n=20, shape=(3, 3, 1))
     with pytest.raises(NeuralKernelsError, match=r"rank 10 is not in 1..min\(N, P\) = 9"):
-        zca_fit(images, solver="exact", rank=10)
+        zca_fit(images, ZcaSettings(solver="exact", rank=10))
     with pytest.raises(NeuralKernelsError, match=r"min\(N, P\) = 20 for N = 20"):
-        zca_fit(decaying_images(n=20, shape=(6, 6, 1)), solver="randomized", rank=21)
+        zca_fit(decaying_images(n=20, shape=(6, 6, 1)), ZcaSettings(solver="randomized", rank=21))
     with pytest.raises(NeuralKernelsError, match="randomized solver needs a rank"):
-        zca_fit(images, solver="randomized")
+        zca_fit(images, ZcaSettings(solver="randomized"))
 
 
 def test_non_finite_input_is_a_clear_error(tmp_path):
     images = decaying_images(n=20, shape=(3, 3, 1))
     images[5, 1, 1, 0] = np.nan
     with pytest.raises(DataError, match="NaN or infinite"):
-        zca_fit(images, solver="exact")
+        zca_fit(images, ZcaSettings(solver="exact"))
     np.save(tmp_path / "bad.npy", images)
     result = subprocess.run(
         [sys.executable, "-m", "neural_kernels", "-q", "zca", str(tmp_path / "bad.npy"),
@@ -249,7 +264,7 @@ def test_non_finite_input_is_a_clear_error(tmp_path):
 
 
 def test_apply_to_images_of_another_shape():
-    t = zca_fit(decaying_images(n=30, shape=(3, 3, 1)), solver="exact")
+    t = zca_fit(decaying_images(n=30, shape=(3, 3, 1)), ZcaSettings(solver="exact"))
     with pytest.raises(DataError, match=r"fitted on images of shape \(3, 3, 1\)"):
         zca_apply(t, decaying_images(n=5, shape=(4, 4, 1)))
 
@@ -257,6 +272,6 @@ def test_apply_to_images_of_another_shape():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_matches_cpu():
     images = decaying_images()
-    cpu = zca_fit(images, solver="randomized", rank=12, dtype=F64)
-    gpu = zca_fit(images, solver="randomized", rank=12, dtype=F64, device="cuda")
+    cpu = zca_fit(images, ZcaSettings(solver="randomized", rank=12, dtype="float64"))
+    gpu = zca_fit(images, ZcaSettings(solver="randomized", rank=12, dtype="float64"), device="cuda")
     np.testing.assert_allclose(projector(gpu), projector(cpu), atol=1e-8)

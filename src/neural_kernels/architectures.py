@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neural_kernels.catalog import ACTIVATIONS, MYRTLE_STAGES
+from neural_kernels.catalog import MYRTLE_STAGES
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.settings import Registry
 
 Tensor = torch.Tensor
 
@@ -79,24 +80,53 @@ def _asin(r: Tensor) -> Tensor:
     return torch.asin(r)
 
 
-class _Parameterless:
-    """A layer without weights."""
+class Layer:
+    """A layer: ``init`` (its random weights), ``apply`` (the finite network) and
+    ``kernel`` (its infinite-width map of the covariance tensor).
+
+    :class:`Serial` asks a layer these attributes, never its class: ``needs_std``
+    (``kernel`` takes the positions' standard deviations), ``pools`` (the factor it
+    shrinks each image side by), ``sets_width`` (its output has ``width`` channels per
+    network), ``patch_conv`` (a 3x3 convolution the input covariance can be fused with,
+    see :func:`conv_input_covariance`), ``projects`` (the final projection, whose map
+    the estimate applies exactly to the Gram matrix). A layer with weights says how a
+    trained network keeps them: ``param_name`` (its prefix in a state dict) and
+    ``trains`` (a trained parameter, or a fixed buffer). A new layer subclasses this (a
+    frozen dataclass) and overrides what differs.
+    """
+
+    needs_std = False
+    pools = 1
+    sets_width = False
+    patch_conv = False
+    projects = False
+    param_name = "weight"
+    trains = True
 
     def init(
         self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
-    ) -> None:
+    ) -> object:
+        """Weights of ``networks`` networks side by side (none by default)."""
         return None
+
+    def apply(self, x: Tensor, params: object = None) -> Tensor:
+        raise NotImplementedError
+
+    def kernel(self, k: Tensor, std_x: Tensor | None = None, std_y: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Conv:
+class Conv(Layer):
     """3x3 convolution, SAME zero padding, no bias, weights ``N(0, 1 / (9 c_in))``.
 
     Kernel map: ``k'(p, q) = (1/9) sum_{|s|_inf <= 1} k(p + s, q + s)`` (Shankar et
     al.'s ``conv3zp``), the average over the 3x3 diagonal neighbourhood.
     """
 
-    needs_std = False
+    sets_width = True
+    patch_conv = True
+    param_name = "conv"
 
     def init(
         self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
@@ -114,7 +144,7 @@ class Conv:
 
 
 @dataclass(frozen=True)
-class Relu(_Parameterless):
+class Relu(Layer):
     """ReLU with He scale: finite ``sqrt(2) max(z, 0)``.
 
     Kernel map (arc-cosine of order one, Cho & Saul 2009):
@@ -135,7 +165,7 @@ class Relu(_Parameterless):
 
 
 @dataclass(frozen=True)
-class Gaussian:
+class Gaussian(Layer):
     """The "Gaussian" nonlinearity of Shankar et al. (``exponential_shifted``).
 
     Kernel map: ``sqrt(kxx kyy) exp(gamma (r - 1))``. Finite width: random Fourier
@@ -147,6 +177,8 @@ class Gaussian:
 
     gamma: float = 1.0
     needs_std = True
+    param_name = "phases"  # random, never trained
+    trains = False
 
     def init(
         self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
@@ -170,13 +202,13 @@ class Gaussian:
 
 
 @dataclass(frozen=True)
-class AvgPool(_Parameterless):
+class AvgPool(Layer):
     """2x2 average pool, stride 2 (a trailing odd row or column is dropped).
 
     Kernel map: the mean of ``k`` over the 2x2 window of ``x`` times that of ``y``.
     """
 
-    needs_std = False
+    pools = 2
 
     def apply(self, x: Tensor, params: None = None) -> Tensor:
         return F.avg_pool2d(x, 2)
@@ -190,10 +222,8 @@ class AvgPool(_Parameterless):
 
 
 @dataclass(frozen=True)
-class GlobalAvgPool(_Parameterless):
+class GlobalAvgPool(Layer):
     """Mean over all positions; kernel map: mean of ``k`` over all position pairs."""
-
-    needs_std = False
 
     def apply(self, x: Tensor, params: None = None) -> Tensor:
         return x.mean(dim=(2, 3), keepdim=True)
@@ -203,7 +233,7 @@ class GlobalAvgPool(_Parameterless):
 
 
 @dataclass(frozen=True)
-class Project:
+class Project(Layer):
     """The final map of Shankar et al.'s kernels: a nonlinearity of the pooled cosine.
 
     Kernel map: with ``r = k / sqrt(kxx kyy)`` (clipped to [-1, 1]) the cosine of the
@@ -223,8 +253,9 @@ class Project:
     all networks' pooled features together (see :mod:`neural_kernels.kernels.estimate`).
     """
 
-    nonlinearity: Relu | Gaussian
+    nonlinearity: Layer
     needs_std = True
+    projects = True
 
     def init(
         self, generator: torch.Generator, c_in: int, networks: int, width: int, shared_input: bool
@@ -251,9 +282,6 @@ class Project:
     def kernel(self, k: Tensor, std_x: Tensor, std_y: Tensor) -> Tensor:
         r, _, _ = _correlation(k, std_x, std_y)
         return self.of_correlation(r)
-
-
-Layer = Conv | Relu | Gaussian | AvgPool | GlobalAvgPool | Project
 
 
 def input_covariance(x: Tensor, y: Tensor) -> Tensor:
@@ -294,7 +322,7 @@ class Serial:
     @property
     def min_image_size(self) -> int:
         """The smallest input side for which every pooled map is at least 1x1."""
-        return 2 ** sum(isinstance(layer, AvgPool) for layer in self.layers)
+        return math.prod(layer.pools for layer in self.layers)
 
     def check_image_size(self, height: int, width: int) -> None:
         """Raise a clear error if ``height x width`` images are too small for the pools."""
@@ -308,7 +336,7 @@ class Serial:
     @property
     def final(self) -> Project | None:
         """The final :class:`Project` layer, if the network ends with one."""
-        return self.layers[-1] if self.layers and isinstance(self.layers[-1], Project) else None
+        return self.layers[-1] if self.layers and self.layers[-1].projects else None
 
     @property
     def head(self) -> tuple[Layer, ...]:
@@ -321,7 +349,7 @@ class Serial:
         c_in, shared = in_channels, True
         for layer in self.layers:
             params.append(layer.init(generator, c_in, networks, width, shared))
-            if isinstance(layer, Conv):
+            if layer.sets_width:
                 c_in, shared = width, False
         return params
 
@@ -390,7 +418,7 @@ class Serial:
         A leading :class:`Conv` is fused with the input covariance into one matrix
         product of patches (:func:`conv_input_covariance`).
         """
-        if self.layers and isinstance(self.layers[0], Conv):
+        if self.layers and self.layers[0].patch_conv:
             k, start = conv_input_covariance(x, y), 1
         else:
             k, start = input_covariance(x, y), 0
@@ -406,34 +434,32 @@ class Serial:
     @property
     def last_stage_start(self) -> int:
         """Index of the first layer after the last 2x2 pool (Shankar et al.'s float64 part)."""
-        pools = [i for i, layer in enumerate(self.layers) if isinstance(layer, AvgPool)]
+        pools = [i for i, layer in enumerate(self.layers) if layer.pools > 1]
         return pools[-1] + 1 if pools else 0
 
 
+#: The nonlinearities by name: each builds its layer from ``gamma`` (used by the
+#: Gaussian only). A new activation is a :class:`Layer` with a finite ``apply`` and its
+#: kernel map, registered here (``ACTIVATIONS.register(name, factory)``).
+ACTIVATIONS: Registry = Registry("activation")
+ACTIVATIONS.register("relu", lambda gamma: Relu())
+ACTIVATIONS.register("gaussian", Gaussian)
+
+
 def myrtle(name: str, activation: str = "relu", gamma: float = 1.0) -> Serial:
-    """The Myrtle network ``name`` (see :data:`MYRTLE_STAGES`) with ``activation``.
+    """The Myrtle network ``name`` (see :data:`~neural_kernels.catalog.MYRTLE_STAGES`)
+    with ``activation`` (see :data:`ACTIVATIONS`).
 
     Stages of ``[Conv, activation] x c_s`` separated by 2x2 average pools, then a global
     average pool and the final :class:`Project` of the activation (Shankar et al.'s
     ``relu_project`` or ``exponential_shifted_project``, which gives ``k(x, x) = 1``).
     Generic in the image size.
     """
-    if name not in MYRTLE_STAGES:
-        raise NeuralKernelsError(
-            f"unknown architecture {name!r}; choose one of {', '.join(MYRTLE_STAGES)}"
-        )
-    if activation == "relu":
-        nonlinearity: Layer = Relu()
-    elif activation == "gaussian":
-        if not gamma > 0:
-            raise NeuralKernelsError(f"gamma must be positive, got {gamma}")
-        nonlinearity = Gaussian(gamma)
-    else:
-        raise NeuralKernelsError(
-            f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
-        )
+    stages = MYRTLE_STAGES.lookup(name)
+    if not gamma > 0:
+        raise NeuralKernelsError(f"gamma must be positive, got {gamma}")
+    nonlinearity: Layer = ACTIVATIONS.lookup(activation)(gamma)
     layers: list[Layer] = []
-    stages = MYRTLE_STAGES[name]
     for index, convs in enumerate(stages):
         if index:
             layers.append(AvgPool())

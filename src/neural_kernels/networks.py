@@ -29,8 +29,6 @@ finished epoch, a changed configuration starts afresh. Accuracies are fractions 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -38,7 +36,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,29 +47,22 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from neural_kernels import __version__
-from neural_kernels.architectures import Conv, Gaussian, Project, myrtle
-from neural_kernels.catalog import ACTIVATIONS, MYRTLE_STAGES
+from neural_kernels.architectures import Layer, myrtle
+from neural_kernels.catalog import MYRTLE_STAGES
 from neural_kernels.data.prepared import REFIT_SPLITS, load_meta, load_split
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
-from neural_kernels.outputs import staged_directory, write_json
+from neural_kernels.layout import NETWORK_METRICS as METRICS
+from neural_kernels.layout import NETWORK_MODEL as MODEL
+from neural_kernels.outputs import resume_dir, resume_key, staged_directory, write_json
+from neural_kernels.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
-MODELS = ("resnet18", *MYRTLE_STAGES)
-SCHEDULES = ("cosine", "step")
 #: ``schedule: step`` multiplies the learning rate by ``STEP_FACTOR`` at these shares of
 #: the training steps (the usual ResNet recipe: / 10 at 50% and 75%).
 STEP_MILESTONES = (0.5, 0.75)
-#: Peak learning rates unless told. The Myrtle networks end with the finite layer of
-#: the kernels' final projection, whose unit-RMS scaling makes them insensitive to the
-#: scale of their convolutions: on digits (width 64, 20 epochs) lr 0.1 does not train
-#: them (the loss stays at ln 10), 0.05 gives 97% and 0.02 99% test accuracy.
-DEFAULT_LR = {"resnet18": 0.1}
-DEFAULT_MYRTLE_LR = 0.02
 STEP_FACTOR = 0.1
-METRICS = "metrics.json"
-MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
 #: Datasets up to this size (uint8 bytes, all splits) are copied to the GPU once;
 #: larger ones stay in host memory and are sent batch by batch.
@@ -129,7 +120,7 @@ class MyrtleNetwork(nn.Module):
         for index, (layer, value) in enumerate(
             zip(self.arch.layers, self.arch.init(generator, in_channels, 1, width), strict=True)
         ):
-            if isinstance(layer, Project):
+            if layer.projects:
                 dense, inner = value
                 self.register_parameter(f"dense{index}", nn.Parameter(dense))
                 inner_name = self._register(layer.nonlinearity, index, inner)
@@ -138,17 +129,17 @@ class MyrtleNetwork(nn.Module):
                 self._param_names.append(self._register(layer, index, value))
         self.readout = nn.Linear(width, num_classes)
 
-    def _register(self, layer: object, index: int, value: torch.Tensor | None) -> str | None:
-        """Register a layer's weights (a trained parameter) or phases (a fixed buffer)."""
+    def _register(self, layer: Layer, index: int, value: torch.Tensor | None) -> str | None:
+        """Register a layer's weights: a trained parameter (convolutions) or a fixed
+        buffer (the Gaussian layers' phases), named ``<param_name><index>``."""
         if value is None:
             return None
-        if isinstance(layer, Conv):
-            self.register_parameter(f"conv{index}", nn.Parameter(value))
-            return f"conv{index}"
-        if isinstance(layer, Gaussian):
-            self.register_buffer(f"phases{index}", value)
-            return f"phases{index}"
-        raise NeuralKernelsError(f"no parameter rule for layer {layer!r}")  # pragma: no cover
+        name = f"{layer.param_name}{index}"
+        if layer.trains:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+        return name
 
     def layer_params(self) -> list:
         """The per-layer parameters in the order ``Serial.apply`` takes them."""
@@ -179,13 +170,14 @@ def build_model(
     gamma: float = 1.0,
     seed: int = 0,
 ) -> nn.Module:
-    """A freshly initialised ``model`` (one of :data:`MODELS`), seeded by ``seed``.
+    """A freshly initialised ``model`` (``resnet18`` or a registered Myrtle
+    architecture, :data:`~neural_kernels.catalog.MYRTLE_STAGES`), seeded by ``seed``.
 
     The global torch RNG (which torchvision's initialisers use) is forked, so the
     caller's random state is left untouched.
     """
-    if model not in MODELS:
-        raise NeuralKernelsError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    if model != "resnet18":
+        MYRTLE_STAGES.lookup(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model == "resnet18":
@@ -359,60 +351,6 @@ def train_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------- training
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything that defines a training run (and keys its resume checkpoint).
-
-    ``width``, ``activation`` and ``gamma`` concern the Myrtle networks only. ``lr`` is
-    the peak learning rate of a per-step schedule: ``cosine`` decays it to zero,
-    ``step`` multiplies it by 0.1 at 50% and 75% of the steps. ``lr=None`` takes the
-    model's :data:`DEFAULT_LR`.
-    """
-
-    model: str = "resnet18"
-    width: int = 64
-    activation: str = "relu"
-    gamma: float = 1.0
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    crop: int | None = None
-    flip: bool = False
-    seed: int = 0
-    deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise NeuralKernelsError(
-                f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise NeuralKernelsError(
-                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise NeuralKernelsError(
-                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
-            )
-        for key in ("width", "epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise NeuralKernelsError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.crop is not None and self.crop < 1:
-            raise NeuralKernelsError(f"crop must be at least 1 (or none), got {self.crop}")
-        if self.lr is None:
-            object.__setattr__(self, "lr", DEFAULT_LR.get(self.model, DEFAULT_MYRTLE_LR))
-        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0 or not self.gamma > 0:
-            raise NeuralKernelsError(
-                "lr and gamma must be positive, momentum and weight_decay non-negative"
-            )
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def lr_factor(step: int, total: int, schedule: str) -> float:
     """The learning-rate multiplier after ``step`` of ``total`` optimiser steps."""
     if schedule == "cosine":
@@ -471,10 +409,6 @@ def evaluate(
     return correct.item() / len(split)
 
 
-def _resume_key(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _rng_states(generators: dict[str, torch.Generator]) -> dict:
     states = {
         "torch": torch.get_rng_state(),
@@ -505,18 +439,6 @@ def _save_atomic(obj: object, path: Path) -> None:
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-
-
-def _resume_dir(out_dir: Path, key: str) -> Path:
-    """``.<out_dir name>.resume/`` beside ``out_dir``, emptied unless it holds ``key``."""
-    scratch = out_dir.parent / f".{out_dir.name}.resume"
-    key_file = scratch / "key"
-    if scratch.exists() and (not key_file.exists() or key_file.read_text() != key):
-        log.info("settings or data changed: discarding the checkpoint in %s", scratch)
-        shutil.rmtree(scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key)
-    return scratch
 
 
 @dataclass
@@ -602,6 +524,267 @@ PROTOCOL = (
 )
 
 
+@dataclass
+class TrainRun:
+    """The pieces of one training run, as :func:`_build_run` assembles them.
+
+    ``data`` is what ``metrics.json`` says of the dataset; ``key`` keys the resume
+    directory ``scratch``; ``mean`` and ``std`` are the per-channel statistics of
+    ``fit`` (train + val) that ``normalize`` applies.
+    """
+
+    settings: TrainSettings
+    device: torch.device
+    splits: dict[str, Split]
+    fit: Split
+    augment: Augmentation
+    data: dict
+    key: str
+    scratch: Path
+    state: TrainState
+    mean: list[float]
+    std: list[float]
+    normalize: Normalizer
+    amp: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The per-epoch checkpoint in the resume directory."""
+        return self.scratch / CHECKPOINT
+
+
+def _load_data(
+    data_dir: Path, settings: TrainSettings, device: torch.device
+) -> tuple[dict[str, Split], Augmentation, dict]:
+    """The splits of a prepared dataset, its augmentation and its ``metrics.json`` record.
+
+    The image size is checked against the crop and the model before anything is
+    loaded, and every split's images against ``meta.json``.
+    """
+    meta = load_meta(data_dir)
+    shape = tuple(meta["image_shape"])
+    augment = Augmentation(settings.crop, settings.flip)
+    height, width = augment.check(shape, f"dataset {data_dir}")
+    if settings.model != "resnet18":
+        myrtle(settings.model).check_image_size(height, width)
+    splits, meta = load_splits(data_dir, device)
+    for split in splits.values():
+        if tuple(split.images.shape[1:]) != shape:
+            raise DataError(f"{data_dir}: a split's images are not {shape} as meta.json says")
+    data_record = {
+        "dir": str(data_dir),
+        "image_shape": list(shape),
+        "input_shape": [height, width, shape[2]],
+        "num_classes": int(meta["num_classes"]),
+        "sizes": {name: len(split) for name, split in splits.items()},
+        "created": meta.get("created"),
+    }
+    return splits, augment, data_record
+
+
+def _new_state(
+    settings: TrainSettings,
+    data: dict,
+    fit_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    channels_last: bool,
+) -> TrainState:
+    """A freshly initialised model with its SGD optimiser, schedule, scaler and RNGs."""
+    model = build_model(
+        settings.model,
+        data["num_classes"],
+        data["input_shape"][2],
+        width=settings.width,
+        activation=settings.activation,
+        gamma=settings.gamma,
+        seed=settings.seed,
+    ).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+    batches_per_epoch = len(train_batches(torch.arange(fit_size), settings.batch_size))
+    total_steps = settings.epochs * batches_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, settings.schedule)
+    )
+    return TrainState(
+        model,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+        {
+            "order": torch.Generator().manual_seed(settings.seed),
+            "augment": torch.Generator().manual_seed(settings.seed + 1),
+        },
+    )
+
+
+def _build_run(data_dir: Path, out_dir: Path, settings: TrainSettings, device: str) -> TrainRun:
+    """Load the data, prepare the resume directory, build the model and normaliser."""
+    run_device = resolve_device(device, stage=f"train {settings.model}")
+    splits, augment, data = _load_data(data_dir, settings, run_device)
+    fit = fit_split(splits)
+    key = resume_key({"settings": settings.as_dict(), "data": data, "fit": "train+val"})
+    scratch, _ = resume_dir(out_dir, key)
+    reset_peak_memory(run_device)
+    amp = _amp_dtype(run_device)
+    channels_last = run_device.type == "cuda"
+    state = _new_state(settings, data, len(fit), run_device, amp, channels_last)
+    mean, std = channel_stats(fit.images)
+    normalize = Normalizer(mean, std, run_device, channels_last)
+    return TrainRun(
+        settings, run_device, splits, fit, augment, data, key, scratch, state,
+        mean, std, normalize, amp, channels_last,
+    )  # fmt: skip
+
+
+def _resume(run: TrainRun) -> tuple[list[dict], int]:
+    """Restore the run's checkpoint, if any: the epochs' history so far and their number."""
+    if not run.checkpoint_path.exists():
+        return [], 0
+    # Our own file (keyed by run.key); it holds RNG states, hence weights_only=False.
+    checkpoint = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False)
+    run.state.load_state_dict(checkpoint)
+    history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+    log.info("resuming after epoch %d of %d from %s", start_epoch, run.settings.epochs, run.scratch)
+    return history, start_epoch
+
+
+def _run_epoch(run: TrainRun, epoch: int, progress: bool) -> dict:
+    """Train epoch ``epoch + 1``; its history record. Raises if the loss diverged."""
+    settings = run.settings
+    epoch_started = time.perf_counter()
+    record = {"epoch": epoch + 1}
+    record |= train_epoch(
+        run.state,
+        run.fit,
+        run.augment,
+        run.normalize,
+        settings.batch_size,
+        run.device,
+        run.amp,
+        desc=f"{settings.model} epoch {epoch + 1}/{settings.epochs}",
+        progress=progress,
+    )
+    if not math.isfinite(record["train_loss"]):
+        raise NeuralKernelsError(
+            f"the training loss diverged ({record['train_loss']}) in epoch "
+            f"{epoch + 1}; lower the learning rate (lr: {settings.lr})"
+        )
+    record |= {
+        "lr": run.state.optimizer.param_groups[0]["lr"],
+        "seconds": time.perf_counter() - epoch_started,
+        "images_per_second": len(run.fit) / max(record["train_seconds"], 1e-9),
+    }
+    return record
+
+
+def _save_checkpoint(run: TrainRun, history: list[dict]) -> None:
+    """Checkpoint the state after the last epoch of ``history``, and log that epoch."""
+    record = history[-1]
+    checkpoint = {"key": run.key, "epoch": record["epoch"], "history": history}
+    _save_atomic(checkpoint | run.state.state_dict(), run.checkpoint_path)
+    log.info(
+        "epoch %d/%d: loss %.4f, train + val %.4f (%.0f images/s)",
+        record["epoch"],
+        run.settings.epochs,
+        record["train_loss"],
+        record["train_accuracy"],
+        record["images_per_second"],
+    )
+
+
+def _train(
+    run: TrainRun,
+    history: list[dict],
+    start_epoch: int,
+    progress: bool,
+    on_epoch_end: Callable[[dict], None] | None,
+) -> float:
+    """Train the epochs after ``start_epoch`` (appending to ``history``, checkpointing
+    each) and return the final weights' test accuracy."""
+    with _deterministic(run.settings.deterministic, run.device):
+        for epoch in range(start_epoch, run.settings.epochs):
+            history.append(_run_epoch(run, epoch, progress))
+            _save_checkpoint(run, history)
+            if on_epoch_end is not None:
+                on_epoch_end(history[-1])
+        return evaluate(
+            run.state.model,
+            run.splits["test"],
+            run.augment,
+            run.normalize,
+            run.device,
+            2 * run.settings.batch_size,
+            run.amp,
+        )
+
+
+def _metrics(
+    run: TrainRun, history: list[dict], test_accuracy: float, resumed_from: int, this_run: float
+) -> dict:
+    """The ``metrics.json`` record of a finished run (``this_run``: its seconds)."""
+    return {
+        "model": run.settings.model,
+        "settings": run.settings.as_dict(),
+        "data": run.data,
+        "protocol": PROTOCOL,
+        "training_size": {"images": len(run.fit), "splits": list(REFIT_SPLITS)},
+        "normalization": {"mean": run.mean, "std": run.std},
+        "parameters": sum(p.numel() for p in run.state.model.parameters()),
+        "epochs": history,
+        "test_accuracy": test_accuracy,
+        "resumed_from_epoch": resumed_from,
+        "seconds": {
+            "total": sum(e["seconds"] for e in history[:resumed_from]) + this_run,
+            "this_run": this_run,
+            "train": sum(e["train_seconds"] for e in history),
+        },
+        "images_per_second": sum(e["images_per_second"] for e in history) / len(history),
+        "device": device_name(run.device),
+        "precision": {
+            None: "float32",
+            torch.bfloat16: "bf16 autocast",
+            torch.float16: "fp16 autocast",
+        }[run.amp],
+        "channels_last": run.channels_last,
+        "neural_kernels_version": __version__,
+        "torch_version": torch.__version__,
+        **peak_memory_mb(run.device),
+    }
+
+
+def _write_outputs(out_dir: Path, run: TrainRun, record: dict) -> None:
+    """Write ``model.pt`` (the final weights, what rebuilds them) and ``metrics.json``."""
+    settings, data = run.settings, run.data
+    with staged_directory(out_dir, last=METRICS) as stage:
+        torch.save(
+            {
+                "state_dict": _cpu_state(run.state.model),
+                "model": settings.model,
+                "num_classes": data["num_classes"],
+                "in_channels": data["input_shape"][2],
+                "width": settings.width,
+                "activation": settings.activation,
+                "gamma": settings.gamma,
+                "crop": settings.crop,
+                "input_shape": list(data["input_shape"]),
+                "mean": run.mean,
+                "std": run.std,
+                "epoch": settings.epochs,
+            },
+            stage / MODEL,
+        )
+        write_json(stage / METRICS, record)
+
+
 def train_network(
     data_dir: Path | str,
     out_dir: Path | str,
@@ -625,171 +808,12 @@ def train_network(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     started = time.perf_counter()
-    run_device = resolve_device(device, stage=f"train {settings.model}")
-    meta = load_meta(data_dir)
-    shape = tuple(meta["image_shape"])
-    augment = Augmentation(settings.crop, settings.flip)
-    height, width = augment.check(shape, f"dataset {data_dir}")
-    if settings.model != "resnet18":
-        myrtle(settings.model).check_image_size(height, width)
-    splits, meta = load_splits(data_dir, run_device)
-    for split in splits.values():
-        if tuple(split.images.shape[1:]) != shape:
-            raise DataError(f"{data_dir}: a split's images are not {shape} as meta.json says")
-    fit = fit_split(splits)
-    num_classes, in_channels = int(meta["num_classes"]), shape[2]
-    data_record = {
-        "dir": str(data_dir),
-        "image_shape": list(shape),
-        "input_shape": [height, width, in_channels],
-        "num_classes": num_classes,
-        "sizes": {name: len(split) for name, split in splits.items()},
-        "created": meta.get("created"),
-    }
-    key = _resume_key({"settings": settings.as_dict(), "data": data_record, "fit": "train+val"})
-    scratch = _resume_dir(out_dir, key)
-    checkpoint_path = scratch / CHECKPOINT
-
-    reset_peak_memory(run_device)
-    amp = _amp_dtype(run_device)
-    channels_last = run_device.type == "cuda"
-    model = build_model(
-        settings.model,
-        num_classes,
-        in_channels,
-        width=settings.width,
-        activation=settings.activation,
-        gamma=settings.gamma,
-        seed=settings.seed,
-    ).to(run_device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-    )
-    batches_per_epoch = len(train_batches(torch.arange(len(fit)), settings.batch_size))
-    total_steps = settings.epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, settings.schedule)
-    )
-    state = TrainState(
-        model,
-        optimizer,
-        scheduler,
-        torch.amp.GradScaler(run_device.type, enabled=amp == torch.float16),
-        {
-            "order": torch.Generator().manual_seed(settings.seed),
-            "augment": torch.Generator().manual_seed(settings.seed + 1),
-        },
-    )
-    mean, std = channel_stats(fit.images)
-    normalize = Normalizer(mean, std, run_device, channels_last)
-
-    history: list[dict] = []
-    start_epoch = 0
-    if checkpoint_path.exists():
-        # Our own file (keyed above); it holds RNG states, hence weights_only=False.
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        state.load_state_dict(checkpoint)
-        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
-        log.info("resuming after epoch %d of %d from %s", start_epoch, settings.epochs, scratch)
-    resumed_from = start_epoch
-
-    eval_batch = 2 * settings.batch_size
-    with _deterministic(settings.deterministic, run_device):
-        for epoch in range(start_epoch, settings.epochs):
-            epoch_started = time.perf_counter()
-            record = {"epoch": epoch + 1}
-            record |= train_epoch(
-                state,
-                fit,
-                augment,
-                normalize,
-                settings.batch_size,
-                run_device,
-                amp,
-                desc=f"{settings.model} epoch {epoch + 1}/{settings.epochs}",
-                progress=progress,
-            )
-            if not math.isfinite(record["train_loss"]):
-                raise NeuralKernelsError(
-                    f"the training loss diverged ({record['train_loss']}) in epoch "
-                    f"{epoch + 1}; lower the learning rate (lr: {settings.lr})"
-                )
-            record |= {
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - epoch_started,
-                "images_per_second": len(fit) / max(record["train_seconds"], 1e-9),
-            }
-            history.append(record)
-            checkpoint = {"key": key, "epoch": epoch + 1, "history": history}
-            _save_atomic(checkpoint | state.state_dict(), checkpoint_path)
-            log.info(
-                "epoch %d/%d: loss %.4f, train + val %.4f (%.0f images/s)",
-                epoch + 1,
-                settings.epochs,
-                record["train_loss"],
-                record["train_accuracy"],
-                record["images_per_second"],
-            )
-            if on_epoch_end is not None:
-                on_epoch_end(record)
-
-        test_accuracy = evaluate(
-            model, splits["test"], augment, normalize, run_device, eval_batch, amp
-        )
-    this_run = time.perf_counter() - started
-    record = {
-        "model": settings.model,
-        "settings": settings.as_dict(),
-        "data": data_record,
-        "protocol": PROTOCOL,
-        "training_size": {"images": len(fit), "splits": list(REFIT_SPLITS)},
-        "normalization": {"mean": mean, "std": std},
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": history,
-        "test_accuracy": test_accuracy,
-        "resumed_from_epoch": resumed_from,
-        "seconds": {
-            "total": sum(e["seconds"] for e in history[:resumed_from]) + this_run,
-            "this_run": this_run,
-            "train": sum(e["train_seconds"] for e in history),
-        },
-        "images_per_second": sum(e["images_per_second"] for e in history) / len(history),
-        "device": device_name(run_device),
-        "precision": {
-            None: "float32",
-            torch.bfloat16: "bf16 autocast",
-            torch.float16: "fp16 autocast",
-        }[amp],
-        "channels_last": channels_last,
-        "neural_kernels_version": __version__,
-        "torch_version": torch.__version__,
-        **peak_memory_mb(run_device),
-    }
-    with staged_directory(out_dir, last=METRICS) as stage:
-        torch.save(
-            {
-                "state_dict": _cpu_state(model),
-                "model": settings.model,
-                "num_classes": num_classes,
-                "in_channels": in_channels,
-                "width": settings.width,
-                "activation": settings.activation,
-                "gamma": settings.gamma,
-                "crop": settings.crop,
-                "input_shape": [height, width, in_channels],
-                "mean": mean,
-                "std": std,
-                "epoch": settings.epochs,
-            },
-            stage / MODEL,
-        )
-        write_json(stage / METRICS, record)
-    shutil.rmtree(scratch, ignore_errors=True)
+    run = _build_run(data_dir, out_dir, settings, device)
+    history, resumed_from = _resume(run)
+    test_accuracy = _train(run, history, resumed_from, progress, on_epoch_end)
+    record = _metrics(run, history, test_accuracy, resumed_from, time.perf_counter() - started)
+    _write_outputs(out_dir, run, record)
+    shutil.rmtree(run.scratch, ignore_errors=True)
     return record
 
 

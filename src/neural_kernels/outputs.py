@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -36,3 +40,25 @@ def staged_directory(out_dir: Path, last: str | None = None) -> Iterator[Path]:
 def write_json(path: Path, record: dict) -> None:
     """Write ``record`` as indented JSON with a trailing newline."""
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def resume_key(record: dict) -> str:
+    """A short hash of ``record`` (settings and inputs) that keys a resume directory."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_dir(out_dir: Path, key: str) -> tuple[Path, bool]:
+    """``.<out_dir name>.resume/`` beside ``out_dir``, and whether it starts afresh.
+
+    The directory is emptied unless it holds ``key`` (a run with other settings or
+    inputs never resumes from it), then marked with ``key``.
+    """
+    scratch = out_dir.parent / f".{out_dir.name}.resume"
+    key_file = scratch / "key"
+    if scratch.exists() and (not key_file.exists() or key_file.read_text() != key):
+        log.info("settings or inputs changed: discarding the partial results in %s", scratch)
+        shutil.rmtree(scratch)
+    fresh = not scratch.exists()
+    scratch.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key)
+    return scratch, fresh

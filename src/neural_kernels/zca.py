@@ -48,13 +48,13 @@ from neural_kernels.device import (
     resolve_dtype,
 )
 from neural_kernels.errors import DataError, NeuralKernelsError
+from neural_kernels.layout import ZCA_META, ZCA_TRANSFORM
 from neural_kernels.outputs import staged_directory, write_json
+from neural_kernels.settings import ZCA_SOLVERS, ZCA_VARIANTS, ZcaSettings
 
-VARIANTS = ("thesis", "shankar")
 #: ``eps`` of each variant unless told: the thesis's is added to singular values of
 #: [0, 1]-scaled pixels; Shankar et al.'s eigenvalue bias for CIFAR-10 is 1e-5.
 DEFAULT_EPS = {"thesis": 0.1, "shankar": 1e-5}
-SOLVERS = ("exact", "randomized", "auto")
 #: ``solver="auto"`` uses the exact eigendecomposition up to this many features
 #: (a 4096 x 4096 float64 covariance is 128 MiB) and the randomized SVD above.
 AUTO_EXACT_MAX_FEATURES = 4096
@@ -63,6 +63,8 @@ BLOCK_BYTES = 1 << 28
 #: Preprocessed rows up to this size stay on the device between the randomized
 #: solver's passes instead of being re-read from the (memory-mapped) input.
 RESIDENT_BYTES = 1 << 30
+#: The settings of :func:`zca_fit` unless told (frozen, so one instance serves all calls).
+DEFAULT_SETTINGS = ZcaSettings()
 
 
 @dataclass
@@ -176,42 +178,48 @@ def _randomized_range(
     return q
 
 
-def zca_fit(
-    images: NDArray,
-    *,
-    variant: str = "thesis",
-    solver: str = "auto",
-    rank: int | None = None,
-    eps: float | None = None,
-    oversample: int = 10,
-    power_iters: int = 4,
-    flips: bool = False,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    block_rows: int | None = None,
-    seed: int = 0,
-    name: str = "images",
-) -> ZCATransform:
-    """Fit ZCA whitening on ``images`` ``(N, H, W, C)`` (see the module docstring).
+@dataclass(frozen=True)
+class _FitPlan:
+    """A checked fit: the variant, solver and rank chosen, the sizes, where it runs.
 
-    ``rank`` defaults to ``min(N, P)`` for the exact solver and is required for the
-    randomized one; ``eps`` defaults to :data:`DEFAULT_EPS` of the variant. ``dtype``
-    is the working precision of the block products; the exact covariance and its
-    eigendecomposition are always float64.
+    ``n`` counts the images the fit sees (flips double them), ``p`` the features of
+    one image; ``resident``: the preprocessed rows are kept on the device between the
+    randomized solver's passes (they fit in :data:`RESIDENT_BYTES`).
     """
-    if variant not in VARIANTS:
-        raise NeuralKernelsError(f"unknown ZCA variant {variant!r}; choose one of {VARIANTS}")
-    if solver not in SOLVERS:
-        raise NeuralKernelsError(f"unknown ZCA solver {solver!r}; choose one of {SOLVERS}")
+
+    variant: str
+    solver: str
+    rank: int
+    eps: float
+    image_shape: tuple[int, int, int]
+    n: int
+    p: int
+    flips: bool
+    device: torch.device
+    dtype: torch.dtype
+    block_rows: int
+    resident: bool
+
+
+def _check_choices(variant: str, solver: str) -> None:
+    """The variant and solver must be known ones."""
+    if variant not in ZCA_VARIANTS:
+        raise NeuralKernelsError(f"unknown ZCA variant {variant!r}; choose one of {ZCA_VARIANTS}")
+    if solver not in ZCA_SOLVERS:
+        raise NeuralKernelsError(f"unknown ZCA solver {solver!r}; choose one of {ZCA_SOLVERS}")
+
+
+def _fit_eps(variant: str, eps: float | None) -> float:
+    """The checked ``eps`` (the variant's :data:`DEFAULT_EPS` when ``None``)."""
     if eps is None:
         eps = DEFAULT_EPS[variant]
     if eps <= 0:
         raise NeuralKernelsError(f"eps must be positive, got {eps}")
-    image_shape = _check_images(images, name)
-    n = len(images) * (2 if flips else 1)
-    p = math.prod(image_shape)
-    if solver == "auto":
-        solver = "exact" if p <= AUTO_EXACT_MAX_FEATURES else "randomized"
+    return eps
+
+
+def _fit_rank(rank: int | None, solver: str, n: int, p: int, flips: bool) -> int:
+    """The checked rank: ``min(N, P)`` by default, required by the randomized solver."""
     if rank is None:
         if solver == "randomized":
             raise NeuralKernelsError(
@@ -225,95 +233,189 @@ def zca_fit(
             f"{' (flips double N)' if flips else ''} of P = {p} features; choose a rank "
             f"<= {min(n, p)}"
         )
-    device = torch.device(device)
-    block_rows = block_rows or default_block_rows(p)
-    n_blocks = math.ceil(len(images) / block_rows) * (2 if flips else 1)
-    resident = n * p * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES
-    passes = 1 if variant == "thesis" else 0  # the feature mean needs a pass
-    passes += 1 if solver == "exact" or resident else 2 * power_iters + 2
-    bar = tqdm(total=passes * n_blocks, desc=f"zca fit ({solver})", unit="block", mininterval=1.0)
+    return rank
 
-    def raw_blocks() -> Iterator[torch.Tensor]:
-        for block in _row_blocks(images, block_rows, flips):
-            yield per_image_rows(block, variant, device, dtype, name)
-            bar.update()
 
-    if variant == "thesis":
-        total = torch.zeros(p, dtype=torch.float64, device=device)
-        for rows in raw_blocks():
-            total += rows.sum(dim=0, dtype=torch.float64)
-        mean = total / n
-    else:
-        mean = torch.zeros(p, dtype=torch.float64, device=device)
-    mean_w = mean.to(dtype)
+def _plan_fit(
+    images: NDArray,
+    settings: ZcaSettings,
+    device: torch.device | str,
+    block_rows: int | None,
+    name: str,
+) -> _FitPlan:
+    """Check ``settings`` against ``images`` and resolve every default of the fit."""
+    _check_choices(settings.variant, settings.solver)
+    eps = _fit_eps(settings.variant, settings.eps)
+    image_shape = _check_images(images, name)
+    n = len(images) * (2 if settings.flips else 1)
+    p = math.prod(image_shape)
+    solver = settings.solver
+    if solver == "auto":
+        solver = "exact" if p <= AUTO_EXACT_MAX_FEATURES else "randomized"
+    rank = _fit_rank(settings.rank, solver, n, p, settings.flips)
+    dtype = resolve_dtype(settings.dtype)
+    return _FitPlan(
+        variant=settings.variant,
+        solver=solver,
+        rank=rank,
+        eps=eps,
+        image_shape=image_shape,
+        n=n,
+        p=p,
+        flips=settings.flips,
+        device=torch.device(device),
+        dtype=dtype,
+        block_rows=block_rows or default_block_rows(p),
+        resident=n * p * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES,
+    )
+
+
+def _fit_progress(plan: _FitPlan, n_images: int, power_iters: int) -> tqdm:
+    """A progress bar counting the row blocks that every pass of the fit reads."""
+    n_blocks = math.ceil(n_images / plan.block_rows) * (2 if plan.flips else 1)
+    passes = 1 if plan.variant == "thesis" else 0  # the feature mean needs a pass
+    passes += 1 if plan.solver == "exact" or plan.resident else 2 * power_iters + 2
+    return tqdm(
+        total=passes * n_blocks, desc=f"zca fit ({plan.solver})", unit="block", mininterval=1.0
+    )
+
+
+def _prepared_rows(images: NDArray, plan: _FitPlan, name: str, bar: tqdm) -> Iterator[torch.Tensor]:
+    """The fit's row blocks (flips included) after the variant's per-image step."""
+    for block in _row_blocks(images, plan.block_rows, plan.flips):
+        yield per_image_rows(block, plan.variant, plan.device, plan.dtype, name)
+        bar.update()
+
+
+def _feature_mean(raw: Callable[[], Iterator[torch.Tensor]], plan: _FitPlan) -> torch.Tensor:
+    """The float64 feature mean of the rows (``thesis``); zeros for ``shankar`` (no pass)."""
+    if plan.variant != "thesis":
+        return torch.zeros(plan.p, dtype=torch.float64, device=plan.device)
+    total = torch.zeros(plan.p, dtype=torch.float64, device=plan.device)
+    for rows in raw():
+        total += rows.sum(dim=0, dtype=torch.float64)
+    return total / plan.n
+
+
+def _centred(
+    raw: Callable[[], Iterator[torch.Tensor]], mean: torch.Tensor, cache: bool
+) -> Callable[[], Iterator[torch.Tensor]]:
+    """The row blocks minus ``mean`` (working dtype), re-read on each call unless ``cache``."""
 
     def centred_blocks() -> Iterator[torch.Tensor]:
-        for rows in raw_blocks():
-            yield rows - mean_w
+        for rows in raw():
+            yield rows - mean
 
-    blocks: Callable[[], Iterator[torch.Tensor]] = centred_blocks
-    if solver == "randomized" and resident:
-        cached = list(centred_blocks())
-        blocks = cached.__iter__
+    if cache:
+        return list(centred_blocks()).__iter__
+    return centred_blocks
 
-    # trace(X^T X) of the centred rows: the sum of all P eigenvalues times N.
+
+def _exact_spectrum(
+    blocks: Callable[[], Iterator[torch.Tensor]], plan: _FitPlan
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Singular values, components and ``trace(A^T A)`` from the float64 covariance."""
+    cov = torch.zeros(plan.p, plan.p, dtype=torch.float64, device=plan.device)
+    for rows in blocks():
+        rows64 = rows.to(torch.float64)
+        cov.addmm_(rows64.T, rows64)
+    total_square = float(cov.trace())
+    evals, evecs = torch.linalg.eigh(cov)
+    del cov
+    order = torch.argsort(evals, descending=True)[: plan.rank]
+    return evals[order].clamp_min(0).sqrt(), evecs[:, order], total_square
+
+
+def _randomized_spectrum(
+    blocks: Callable[[], Iterator[torch.Tensor]], plan: _FitPlan, settings: ZcaSettings
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Singular values, components and ``trace(A^T A)`` by the randomized SVD of ``A``."""
+    width = min(plan.rank + settings.oversample, plan.n, plan.p)
+    generator = torch.Generator().manual_seed(settings.seed)
+    omega = torch.randn(plan.p, width, generator=generator, dtype=plan.dtype).to(plan.device)
     total_square = 0.0
-    if solver == "exact":
-        cov = torch.zeros(p, p, dtype=torch.float64, device=device)
+    first_pass = True
+
+    def times(mat: torch.Tensor) -> torch.Tensor:
+        nonlocal total_square, first_pass
+        out = []
         for rows in blocks():
-            rows64 = rows.to(torch.float64)
-            cov.addmm_(rows64.T, rows64)
-        total_square = float(cov.trace())
-        evals, evecs = torch.linalg.eigh(cov)
-        del cov
-        order = torch.argsort(evals, descending=True)[:rank]
-        singular = evals[order].clamp_min(0).sqrt()
-        components = evecs[:, order]
+            out.append(rows @ mat)
+            if first_pass:  # the trace comes with the first product, A Omega
+                total_square += float(torch.linalg.vector_norm(rows)) ** 2
+        first_pass = False
+        return torch.cat(out)
+
+    def t_times(q: torch.Tensor) -> torch.Tensor:
+        acc = torch.zeros(plan.p, q.shape[1], dtype=plan.dtype, device=plan.device)
+        start = 0
+        for rows in blocks():
+            acc.addmm_(rows.T, q[start : start + len(rows)])
+            start += len(rows)
+        return acc
+
+    q = _randomized_range(times, t_times, omega, settings.power_iters)
+    # A^T Q = (Q^T A)^T = W S U_B^T, so A ~ Q Q^T A = (Q U_B) S W^T: V = W.
+    w, s, _ = torch.linalg.svd(t_times(q).to(torch.float64), full_matrices=False)
+    return s[: plan.rank], w[:, : plan.rank], total_square
+
+
+def _thesis_scales(singular: torch.Tensor, plan: _FitPlan) -> tuple[torch.Tensor, float]:
+    """``sqrt(N-1) / (D + eps)``; the complement is projected out (scale 0)."""
+    return math.sqrt(plan.n - 1) / (singular + plan.eps), 0.0
+
+
+def _shankar_scales(
+    singular: torch.Tensor, total_square: float, plan: _FitPlan
+) -> tuple[torch.Tensor, float]:
+    """``(D^2/N + eps)^(-1/2)``, and ``(m + eps)^(-1/2)`` on the complement (see above)."""
+    scales = (singular**2 / plan.n + plan.eps).rsqrt()
+    complement = 0.0
+    if plan.rank < plan.p:
+        rest = max(total_square - float((singular**2).sum()), 0.0) / plan.n / (plan.p - plan.rank)
+        complement = (rest + plan.eps) ** -0.5
+    return scales, complement
+
+
+def zca_fit(
+    images: NDArray,
+    settings: ZcaSettings = DEFAULT_SETTINGS,
+    *,
+    device: torch.device | str = "cpu",
+    block_rows: int | None = None,
+    name: str = "images",
+) -> ZCATransform:
+    """Fit ZCA whitening on ``images`` ``(N, H, W, C)`` (see the module docstring).
+
+    ``settings.rank`` defaults to ``min(N, P)`` for the exact solver and is required for
+    the randomized one; ``settings.eps`` defaults to :data:`DEFAULT_EPS` of the variant.
+    ``settings.dtype`` is the working precision of the block products; the exact
+    covariance and its eigendecomposition are always float64.
+    """
+    plan = _plan_fit(images, settings, device, block_rows, name)
+    bar = _fit_progress(plan, len(images), settings.power_iters)
+
+    def raw() -> Iterator[torch.Tensor]:
+        return _prepared_rows(images, plan, name, bar)
+
+    mean = _feature_mean(raw, plan)
+    blocks = _centred(raw, mean.to(plan.dtype), plan.solver == "randomized" and plan.resident)
+    # trace(A^T A) of the centred rows A: the sum of all P eigenvalues times N.
+    if plan.solver == "exact":
+        singular, components, total_square = _exact_spectrum(blocks, plan)
     else:
-        width = min(rank + oversample, n, p)
-        generator = torch.Generator().manual_seed(seed)
-        omega = torch.randn(p, width, generator=generator, dtype=dtype).to(device)
-        first_pass = True
-
-        def times(mat: torch.Tensor) -> torch.Tensor:
-            nonlocal total_square, first_pass
-            out = []
-            for rows in blocks():
-                out.append(rows @ mat)
-                if first_pass:  # the trace comes with the first product, A Omega
-                    total_square += float(torch.linalg.vector_norm(rows)) ** 2
-            first_pass = False
-            return torch.cat(out)
-
-        def t_times(q: torch.Tensor) -> torch.Tensor:
-            acc = torch.zeros(p, q.shape[1], dtype=dtype, device=device)
-            start = 0
-            for rows in blocks():
-                acc.addmm_(rows.T, q[start : start + len(rows)])
-                start += len(rows)
-            return acc
-
-        q = _randomized_range(times, t_times, omega, power_iters)
-        # A^T Q = (Q^T A)^T = W S U_B^T, so A ~ Q Q^T A = (Q U_B) S W^T: V = W.
-        w, s, _ = torch.linalg.svd(t_times(q).to(torch.float64), full_matrices=False)
-        singular, components = s[:rank], w[:, :rank]
+        singular, components, total_square = _randomized_spectrum(blocks, plan, settings)
     bar.close()
-
-    if variant == "thesis":
-        scales = math.sqrt(n - 1) / (singular + eps)
-        complement = 0.0
+    if plan.variant == "thesis":
+        scales, complement = _thesis_scales(singular, plan)
     else:
-        scales = (singular**2 / n + eps).rsqrt()
-        complement = 0.0
-        if rank < p:
-            rest = max(total_square - float((singular**2).sum()), 0.0) / n / (p - rank)
-            complement = (rest + eps) ** -0.5
+        scales, complement = _shankar_scales(singular, total_square, plan)
     return ZCATransform(
-        variant=variant,
-        solver=solver,
-        eps=float(eps),
-        image_shape=image_shape,
-        n_samples=n,
+        variant=plan.variant,
+        solver=plan.solver,
+        eps=float(plan.eps),
+        image_shape=plan.image_shape,
+        n_samples=plan.n,
         mean=mean.cpu().numpy(),
         components=components.cpu().numpy(),
         singular_values=singular.cpu().numpy(),
@@ -364,32 +466,17 @@ def zca_apply(
     return out
 
 
-def whiten_files(
-    inputs: list[Path],
-    out_dir: Path,
-    *,
-    transform_path: Path | None = None,
-    fit_on: int = 1,
-    device: str = "auto",
-    dtype: str = "float32",
-    block_rows: int | None = None,
-    **fit_options: object,
-) -> dict:
-    """The ``zca`` stage: fit on ``inputs[:fit_on]`` stacked (or load ``transform_path``),
-    whiten all. The workflow fits on train + val: the training set of the refit.
-
-    Writes ``out_dir/<input file name>`` (float32, same shape) for every input,
-    ``out_dir/transform.npz`` and ``out_dir/zca.json`` (settings, spectrum summary,
-    timings, device and peak memory), all or nothing. Returns the JSON record.
-    """
+def _check_names(inputs: list[Path]) -> None:
+    """The inputs' file names must differ: the outputs are named after them."""
     names = [Path(p).name for p in inputs]
     if len(set(names)) != len(names):
         raise NeuralKernelsError(
             f"input file names must differ (outputs are named after them): {names}"
         )
-    run_device = resolve_device(device, stage="zca")
-    work_dtype = resolve_dtype(dtype)
-    reset_peak_memory(run_device)
+
+
+def _read_inputs(inputs: list[Path], fit_on: int) -> list[NDArray]:
+    """Memory-map every input ``.npy``; ``fit_on`` must be in ``1..len(inputs)``."""
     arrays = []
     for path in inputs:
         try:
@@ -398,21 +485,19 @@ def whiten_files(
             raise DataError(f"cannot read {path} as a .npy array ({error})") from None
     if not 1 <= fit_on <= len(inputs):
         raise NeuralKernelsError(f"fit_on must be in 1..{len(inputs)} (the inputs), got {fit_on}")
-    fitted = [str(path) for path in inputs[:fit_on]]
-    started = time.perf_counter()
-    if transform_path is None:
-        transform = zca_fit(
-            StackedRows(arrays[:fit_on]),
-            device=run_device,
-            dtype=work_dtype,
-            block_rows=block_rows,
-            name=" + ".join(fitted),
-            **fit_options,
-        )
-    else:
-        transform = ZCATransform.load(transform_path)
-    fit_seconds = time.perf_counter() - started
-    record = {
+    return arrays
+
+
+def _zca_record(
+    transform: ZCATransform,
+    fitted_on: list[str],
+    options: dict,
+    device: torch.device,
+    dtype: str,
+    fit_seconds: float,
+) -> dict:
+    """zca.json before the apply timings and peak memory are added."""
+    return {
         "variant": transform.variant,
         "solver": transform.solver,
         "rank": transform.rank,
@@ -420,37 +505,94 @@ def whiten_files(
         "n_samples": transform.n_samples,
         "n_features": int(math.prod(transform.image_shape)),
         "image_shape": list(transform.image_shape),
-        "fitted_on": fitted if transform_path is None else [str(transform_path)],
-        "options": dict(fit_options) if transform_path is None else {},
+        "fitted_on": fitted_on,
+        "options": options,
         "singular_values": {
             "first": float(transform.singular_values[0]),
             "last": float(transform.singular_values[-1]),
         },
         "complement_scale": transform.complement_scale,
-        "device": device_name(run_device),
+        "device": device_name(device),
         "dtype": dtype,
         "fit_seconds": fit_seconds,
         "apply_seconds": {},
     }
-    with staged_directory(out_dir, last="zca.json") as stage:
-        transform.save(stage / "transform.npz")
+
+
+def _whiten_file(
+    transform: ZCATransform,
+    images: NDArray,
+    out_path: Path,
+    name: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_rows: int | None,
+) -> float:
+    """Whiten ``images`` into the float32 ``.npy`` ``out_path``; returns the seconds taken."""
+    started = time.perf_counter()
+    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=images.shape)
+    zca_apply(
+        transform, images, out=out, device=device, dtype=dtype, block_rows=block_rows, name=name
+    )
+    out.flush()
+    del out
+    return time.perf_counter() - started
+
+
+def whiten_files(
+    inputs: list[Path],
+    out_dir: Path,
+    settings: ZcaSettings | None = None,
+    *,
+    transform_path: Path | None = None,
+    fit_on: int = 1,
+    device: str = "auto",
+    block_rows: int | None = None,
+) -> dict:
+    """The ``zca`` stage: fit on ``inputs[:fit_on]`` stacked (or load ``transform_path``),
+    whiten all. The workflow fits on train + val: the training set of the refit.
+
+    ``settings`` (default :class:`ZcaSettings`) define the fit; with ``transform_path``
+    only their ``dtype`` is used. Writes ``out_dir/<input file name>`` (float32, same
+    shape) for every input, ``out_dir/transform.npz`` and ``out_dir/zca.json``
+    (settings, spectrum summary, timings, device and peak memory), all or nothing.
+    Returns the JSON record.
+    """
+    settings = ZcaSettings() if settings is None else settings
+    _check_names(inputs)
+    run_device = resolve_device(device, stage="zca")
+    work_dtype = resolve_dtype(settings.dtype)
+    reset_peak_memory(run_device)
+    arrays = _read_inputs(inputs, fit_on)
+    fitted = [str(path) for path in inputs[:fit_on]]
+    started = time.perf_counter()
+    if transform_path is None:
+        transform = zca_fit(
+            StackedRows(arrays[:fit_on]),
+            settings,
+            device=run_device,
+            block_rows=block_rows,
+            name=" + ".join(fitted),
+        )
+        fitted_on, options = fitted, settings.fit_options()
+    else:
+        transform = ZCATransform.load(transform_path)
+        fitted_on, options = [str(transform_path)], {}
+    fit_seconds = time.perf_counter() - started
+    record = _zca_record(transform, fitted_on, options, run_device, settings.dtype, fit_seconds)
+    with staged_directory(out_dir, last=ZCA_META) as stage:
+        transform.save(stage / ZCA_TRANSFORM)
         for path, images in zip(inputs, arrays, strict=True):
-            started = time.perf_counter()
-            out = np.lib.format.open_memmap(
-                stage / path.name, mode="w+", dtype=np.float32, shape=images.shape
-            )
-            zca_apply(
+            record["apply_seconds"][path.name] = _whiten_file(
                 transform,
                 images,
-                out=out,
+                stage / path.name,
+                str(path),
                 device=run_device,
                 dtype=work_dtype,
                 block_rows=block_rows,
-                name=str(path),
             )
-            out.flush()
-            del out
-            record["apply_seconds"][path.name] = time.perf_counter() - started
         record.update(peak_memory_mb(run_device))
-        write_json(stage / "zca.json", record)
+        write_json(stage / ZCA_META, record)
     return record

@@ -1,5 +1,7 @@
 # Helpers shared by the rules: config access and target lists. No science here: the
-# rules call `python -m neural_kernels <stage>`; file layouts come from the package.
+# rules call `python -m neural_kernels <stage>`; every path comes from
+# neural_kernels.layout and every option from the settings classes of
+# neural_kernels.settings (the package defines each once).
 
 import json
 import math
@@ -7,15 +9,36 @@ import os
 
 from snakemake.utils import validate
 
+from neural_kernels import layout
 from neural_kernels.data.prepared import (
     REFIT_SPLITS,
     SPLITS,
     prepared_files,
+    split_files,
     subset_files,
 )
-from neural_kernels.data.sources import ARCHIVES
-from neural_kernels.kernels.layout import eval_splits, kernel_files, shard_files
+from neural_kernels.data.sources import ARCHIVES, SOURCES
+from neural_kernels.layout import (
+    FULL_VIEW,
+    SUBSET_VIEW,
+    benchmark_file,
+    files,
+    fits_val,
+    kernel_files,
+    log_file,
+    shard_files,
+    subset_of,
+)
 from neural_kernels.seeds import derived_seed
+from neural_kernels.settings import (
+    EstimateSettings,
+    KernelSpec,
+    PrepareSettings,
+    SolverSettings,
+    TrainSettings,
+    ZcaSettings,
+    command_line,
+)
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -23,10 +46,6 @@ DATASETS = config["datasets"]
 KERNELS = config["kernels"]
 SOLVERS = config["solvers"]
 NETWORKS = config["networks"]
-# A full split's kernel fits the val rows too (the solve selects on them, then refits on
-# train + val); a subset's is not refit and scores val as an eval block.
-FULL_VIEW = "full"
-SUBSET_VIEW = r"n\d+-seed\d+"
 CONDA_ENV = "../envs/neural_kernels.yaml"
 NO_MATCH = "(?!)"  # a wildcard constraint that matches nothing
 
@@ -77,8 +96,8 @@ def output_dir(wildcards, output):
 
 
 def dataset_archive(name):
-    """resources/<name>/<official file name> of an archive-backed dataset."""
-    return f"resources/{name}/{ARCHIVES[DATASETS[name]['source']].filename}"
+    """The downloaded archive of an archive-backed dataset."""
+    return layout.archive_file(name, ARCHIVES[DATASETS[name]["source"]].filename)
 
 
 def dataset_url(wildcards):
@@ -94,9 +113,10 @@ def dataset_checksum(wildcards):
 def prepare_inputs(wildcards):
     """The archive or .npz a dataset is prepared from (nothing for digits)."""
     cfg = DATASETS[wildcards.dataset]
-    if cfg["source"] in ARCHIVES:
+    source = SOURCES[cfg["source"]]
+    if source.input == "archive":
         return {"archive": dataset_archive(wildcards.dataset)}
-    if cfg["source"] == "custom":
+    if source.input == "npz":
         return {"npz": cfg["path"]}
     return {}
 
@@ -104,14 +124,7 @@ def prepare_inputs(wildcards):
 def prepare_args(wildcards, input):
     """Command-line options of `neural-kernels prepare` for one dataset."""
     cfg = DATASETS[wildcards.dataset]
-    args = [
-        f"--source {cfg['source']}",
-        f"--val-fraction {cfg['val_fraction']}",
-        f"--seed {cfg['seed']}",
-        f"--image-size {cfg['image_size']}",
-    ]
-    if cfg["test_fraction"] is not None:
-        args.append(f"--test-fraction {cfg['test_fraction']}")
+    args = [f"--source {cfg['source']}", command_line(PrepareSettings, cfg)]
     if "archive" in input.keys():
         args += [
             f"--archive '{input.archive}'",
@@ -123,15 +136,14 @@ def prepare_args(wildcards, input):
 
 
 def prepared_dataset(name):
-    return [f"results/data/{name}/{f}" for f in prepared_files()]
+    return files(layout.data_dir(name), prepared_files())
 
 
-def subset_dirs(name):
+def subset_views(name):
+    """The view name of every subset of a dataset."""
     cfg = DATASETS[name]["subsets"]
     return [
-        f"results/data/{name}/subsets/n{size}-seed{seed}"
-        for size in cfg["sizes"]
-        for seed in cfg["seeds"]
+        layout.subset_view(size, seed) for size in cfg["sizes"] for seed in cfg["seeds"]
     ]
 
 
@@ -144,56 +156,40 @@ def zca_args(wildcards):
     """Command-line options of `neural-kernels zca` for one dataset: fitted on train +
     val (the leading inputs, in SPLITS order), the training set of the refit."""
     cfg = zca_settings(wildcards.dataset)
-    args = [
-        f"--fit-on {len(REFIT_SPLITS)}",
-        f"--variant {cfg['variant']}",
-        f"--solver {cfg['solver']}",
-        f"--oversample {cfg['oversample']}",
-        f"--power-iters {cfg['power_iters']}",
-        f"--seed {cfg['seed']}",
-        f"--device {cfg['device']}",
-        f"--dtype {cfg['dtype']}",
-    ]
-    if cfg["rank"] is not None:
-        args.append(f"--rank {cfg['rank']}")
-    if cfg["eps"] is not None:
-        args.append(f"--eps {cfg['eps']}")
-    if cfg["flips"]:
-        args.append("--flips")
-    return " ".join(args)
+    args = [f"--fit-on {len(REFIT_SPLITS)}", command_line(ZcaSettings, cfg)]
+    return " ".join(args + [f"--device {cfg['device']}"])
 
 
 def zca_targets():
-    return [f"results/zca/{name}/zca.json" for name in DATASETS]
+    return [f"{layout.zca_dir(name)}/{layout.ZCA_META}" for name in DATASETS]
 
 
 def data_targets():
     """Every prepared dataset's and subset's meta.json (meta.json is written last)."""
     targets = []
     for name in DATASETS:
-        targets.append(f"results/data/{name}/meta.json")
-        targets += [f"{d}/meta.json" for d in subset_dirs(name)]
+        targets.append(f"{layout.data_dir(name)}/{layout.DATA_META}")
+        targets += [
+            f"{layout.subset_dir(name, view)}/{layout.DATA_META}"
+            for view in subset_views(name)
+        ]
     return targets
 
 
 def kernel_views(name):
-    """(view, kernel names) of a dataset: 'full' and one 'n<size>-seed<seed>' per subset."""
+    """(view, kernel names) of a dataset: the full split and every subset."""
     cfg = DATASETS[name]
-    views = [("full", cfg["kernels"])] if cfg["kernels"] else []
+    views = [(FULL_VIEW, cfg["kernels"])] if cfg["kernels"] else []
     subsets = cfg["subsets"]
-    views += [
-        (f"n{size}-seed{seed}", subsets["kernels"])
-        for size in subsets["sizes"]
-        for seed in subsets["seeds"]
-        if subsets["kernels"]
-    ]
+    if subsets["kernels"]:
+        views += [(view, subsets["kernels"]) for view in subset_views(name)]
     return views
 
 
 def kernel_targets():
     """Every configured kernel directory's kernel.json (written last)."""
     return [
-        f"results/kernels/{name}/{view}/{kernel}/kernel.json"
+        f"{layout.kernel_dir(name, view, kernel)}/{layout.KERNEL_META}"
         for name in DATASETS
         for view, kernels in kernel_views(name)
         for kernel in kernels
@@ -202,41 +198,25 @@ def kernel_targets():
 
 def kernel_inputs(wildcards):
     """Whitened train/val/test images, and the subset's row indices for a subset view."""
-    inputs = {
-        split: f"results/zca/{wildcards.dataset}/{split}_images.npy" for split in SPLITS
-    }
-    if wildcards.view != "full":
-        inputs["indices"] = (
-            f"results/data/{wildcards.dataset}/subsets/{wildcards.view}/train_indices.npy"
-        )
+    zca = layout.zca_dir(wildcards.dataset)
+    inputs = {split: f"{zca}/{split_files(split)[0]}" for split in SPLITS}
+    if not fits_val(wildcards.view):
+        subset = layout.subset_dir(wildcards.dataset, wildcards.view)
+        inputs["indices"] = f"{subset}/train_indices.npy"
     return inputs
-
-
-def fits_val(view):
-    """Whether a view's kernel fits the val rows (full: yes, for the refit; subsets: no)."""
-    return view == FULL_VIEW
 
 
 def kernel_args(wildcards, input):
     """Inputs and architecture options shared by the kernel subcommands."""
     cfg = KERNELS[wildcards.kernel]
+    fitted = fits_val(wildcards.view)
     args = [f"--train '{input.train}'"]
-    if fits_val(wildcards.view):
+    if fitted:
         args.append(f"--val '{input.val}'")
-    args += [
-        f"--eval {split}='{input[split]}'"
-        for split in eval_splits(fits_val(wildcards.view))
-    ]
+    args += [f"--eval {split}='{input[split]}'" for split in layout.eval_splits(fitted)]
     if "indices" in input.keys():
         args.append(f"--train-indices '{input.indices}'")
-    args += [
-        f"--arch {cfg['arch']}",
-        f"--activation {cfg['activation']}",
-        f"--gamma {cfg['gamma']}",
-        f"--device {cfg['device']}",
-    ]
-    if cfg["flips"]:
-        args.append("--flips")
+    args += [command_line(KernelSpec, cfg), f"--device {cfg['device']}"]
     if cfg["precision"] is not None:
         args.append(f"--precision {cfg['precision']}")
     return " ".join(args)
@@ -247,19 +227,17 @@ def estimate_seed(wildcards):
     derived from (kernel seed, subset seed), so that the spread over subsets covers the
     networks' randomness too."""
     seed = KERNELS[wildcards.kernel]["seed"]
-    if fits_val(wildcards.view):
-        return seed
-    return derived_seed(seed, int(wildcards.view.rsplit("-seed", 1)[1]))
+    subset = subset_of(wildcards.view)
+    return seed if subset is None else derived_seed(seed, subset[1])
 
 
 def estimate_args(wildcards, input):
     """`neural-kernels kernel-shard` options of one shard."""
     cfg = KERNELS[wildcards.kernel]
-    keys = ["width", "networks", "chunk_networks", "batch_size", "tile_rows"]
-    args = [f"--{key.replace('_', '-')} {cfg[key]}" for key in keys]
-    args += [f"--seed {estimate_seed(wildcards)}"]
+    settings = {**cfg, "precision": None, "seed": estimate_seed(wildcards)}
+    args = [kernel_args(wildcards, input), command_line(EstimateSettings, settings)]
     args += [f"--shard {wildcards.shard}", f"--shards {cfg['shards']}"]
-    return " ".join([kernel_args(wildcards, input)] + args)
+    return " ".join(args)
 
 
 def analytic_args(wildcards, input):
@@ -272,11 +250,16 @@ def analytic_args(wildcards, input):
 def kernel_shard_files(wildcards):
     """Every file of every shard of an estimated kernel (all are the merge's inputs)."""
     cfg = KERNELS[wildcards.kernel]
-    base = f"results/kernels/{wildcards.dataset}/{wildcards.view}/{wildcards.kernel}"
+    names = shard_files(fits_val(wildcards.view))
     return [
-        f"{base}/shards/{shard}/{name}"
+        path
         for shard in range(cfg["shards"])
-        for name in shard_files(fits_val(wildcards.view))
+        for path in files(
+            layout.shard_dir(
+                wildcards.dataset, wildcards.view, wildcards.kernel, shard
+            ),
+            names,
+        )
     ]
 
 
@@ -292,9 +275,9 @@ def solve_targets():
     for name in DATASETS:
         cfg = DATASETS[name]
         for view, kernels in kernel_views(name):
-            solvers = cfg["solvers"] if view == "full" else cfg["subsets"]["solvers"]
+            solvers = cfg["solvers"] if fits_val(view) else cfg["subsets"]["solvers"]
             targets += [
-                f"results/solve/{name}/{view}/{kernel}/{solver}/metrics.json"
+                f"{layout.solve_dir(name, view, kernel, solver)}/{layout.SOLVE_METRICS}"
                 for kernel in kernels
                 for solver in solvers
             ]
@@ -303,13 +286,13 @@ def solve_targets():
 
 def solve_inputs(wildcards):
     """The kernel's blocks and kernel.json, and the labels (a subset's own train labels)."""
-    kernel = f"results/kernels/{wildcards.dataset}/{wildcards.view}/{wildcards.kernel}"
-    data = f"results/data/{wildcards.dataset}"
-    files = kernel_files(fits_val(wildcards.view))
-    inputs = {"kernel": [f"{kernel}/{name}" for name in files]}
-    inputs |= {f"{split}_labels": f"{data}/{split}_labels.npy" for split in SPLITS}
-    if wildcards.view != "full":
-        inputs["train_labels"] = f"{data}/subsets/{wildcards.view}/train_labels.npy"
+    kernel = layout.kernel_dir(wildcards.dataset, wildcards.view, wildcards.kernel)
+    data = layout.data_dir(wildcards.dataset)
+    inputs = {"kernel": files(kernel, kernel_files(fits_val(wildcards.view)))}
+    inputs |= {f"{split}_labels": f"{data}/{split_files(split)[1]}" for split in SPLITS}
+    if not fits_val(wildcards.view):
+        subset = layout.subset_dir(wildcards.dataset, wildcards.view)
+        inputs["train_labels"] = f"{subset}/{split_files('train')[1]}"
     return inputs
 
 
@@ -320,22 +303,16 @@ def solve_args(wildcards, input):
     args = [
         f"--kernel-dir '{os.path.dirname(input.kernel[0])}'",
         f"--labels {labels}",
-        f"--method {cfg['method']}",
-        f"--batch-size {cfg['batch_size']}",
-        f"--steps {cfg['steps']}",
-        f"--seed {cfg['seed']}",
+        command_line(SolverSettings, cfg),
         f"--device {cfg['device']}",
     ]
-    for key in ("eta_t", "lambdas"):
-        if cfg[key]:
-            args.append(f"--{key.replace('_', '-')} " + " ".join(map(str, cfg[key])))
     return " ".join(args)
 
 
 def network_targets():
     """Every configured network's metrics.json (written last)."""
     return [
-        f"results/networks/{name}/{network}/metrics.json"
+        f"{layout.network_dir(name, network)}/{layout.NETWORK_METRICS}"
         for name, cfg in DATASETS.items()
         for network in cfg["networks"]
     ]
@@ -349,15 +326,7 @@ def network_inputs(wildcards):
 def network_args(wildcards):
     """`neural-kernels train` options of one network definition."""
     cfg = NETWORKS[wildcards.network]
-    keys = ["model", "width", "activation", "gamma", "epochs", "batch_size", "lr"]
-    keys += ["momentum", "weight_decay", "schedule", "seed", "device"]
-    args = [
-        f"--{key.replace('_', '-')} {cfg[key]}" for key in keys if cfg[key] is not None
-    ]
-    if cfg["crop"] is not None:
-        args.append(f"--crop {cfg['crop']}")
-    args += [f"--{flag}" for flag in ("flip", "deterministic") if cfg[flag]]
-    return " ".join(args)
+    return f"{command_line(TrainSettings, cfg)} --device {cfg['device']}"
 
 
 def report_inputs():

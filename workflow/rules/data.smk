@@ -8,11 +8,11 @@ localrules:
 
 rule download_archive:
     output:
-        "resources/{dataset}/{archive}",
+        layout.archive_file(),
     log:
-        "results/logs/download_archive/{dataset}/{archive}.log",
+        log_file("download_archive", "{dataset}/{archive}"),
     benchmark:
-        "results/benchmarks/download_archive/{dataset}/{archive}.tsv"
+        benchmark_file("download_archive", "{dataset}/{archive}")
     conda:
         CONDA_ENV
     threads: 1
@@ -34,11 +34,11 @@ rule prepare_dataset:
     input:
         unpack(prepare_inputs),
     output:
-        expand("results/data/{{dataset}}/{file}", file=prepared_files()),
+        files(layout.data_dir(), prepared_files()),
     log:
-        "results/logs/prepare_dataset/{dataset}.log",
+        log_file("prepare_dataset", "{dataset}"),
     benchmark:
-        "results/benchmarks/prepare_dataset/{dataset}.tsv"
+        benchmark_file("prepare_dataset", "{dataset}")
     conda:
         CONDA_ENV
     threads: 1
@@ -54,18 +54,13 @@ rule prepare_dataset:
 
 rule subset:
     input:
-        "results/data/{dataset}/meta.json",
-        "results/data/{dataset}/train_images.npy",
-        "results/data/{dataset}/train_labels.npy",
+        files(layout.data_dir(), [layout.DATA_META, *split_files("train")]),
     output:
-        expand(
-            "results/data/{{dataset}}/subsets/n{{size}}-seed{{seed}}/{file}",
-            file=subset_files(),
-        ),
+        files(layout.subset_dir(view=layout.subset_view()), subset_files()),
     log:
-        "results/logs/subset/{dataset}/n{size}-seed{seed}.log",
+        log_file("subset", f"{{dataset}}/{layout.subset_view()}"),
     benchmark:
-        "results/benchmarks/subset/{dataset}/n{size}-seed{seed}.tsv"
+        benchmark_file("subset", f"{{dataset}}/{layout.subset_view()}")
     conda:
         CONDA_ENV
     threads: 1

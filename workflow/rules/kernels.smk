@@ -12,16 +12,11 @@ rule kernel_estimate_shard:
     input:
         unpack(kernel_inputs),
     output:
-        temp(
-            expand(
-                "results/kernels/{{dataset}}/{{view}}/{{kernel}}/shards/{{shard}}/{file}",
-                file=shard_files(fits_val=True),
-            )
-        ),
+        temp(files(layout.shard_dir(), shard_files(fits_val=True))),
     log:
-        "results/logs/kernel_estimate_shard/{dataset}/{view}/{kernel}/{shard}.log",
+        log_file("kernel_estimate_shard", "{dataset}/{view}/{kernel}/{shard}"),
     benchmark:
-        "results/benchmarks/kernel_estimate_shard/{dataset}/{view}/{kernel}/{shard}.tsv"
+        benchmark_file("kernel_estimate_shard", "{dataset}/{view}/{kernel}/{shard}")
     wildcard_constraints:
         view=FULL_VIEW,
         kernel=methods("estimate"),
@@ -42,12 +37,7 @@ rule kernel_estimate_shard:
 
 use rule kernel_estimate_shard as kernel_estimate_shard_subset with:
     output:
-        temp(
-            expand(
-                "results/kernels/{{dataset}}/{{view}}/{{kernel}}/shards/{{shard}}/{file}",
-                file=shard_files(fits_val=False),
-            )
-        ),
+        temp(files(layout.shard_dir(), shard_files(fits_val=False))),
     wildcard_constraints:
         view=SUBSET_VIEW,
         kernel=methods("estimate"),
@@ -57,14 +47,11 @@ rule kernel_merge:
     input:
         kernel_shard_files,
     output:
-        expand(
-            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
-            file=kernel_files(fits_val=True),
-        ),
+        files(layout.kernel_dir(), kernel_files(fits_val=True)),
     log:
-        "results/logs/kernel_merge/{dataset}/{view}/{kernel}.log",
+        log_file("kernel_merge", "{dataset}/{view}/{kernel}"),
     benchmark:
-        "results/benchmarks/kernel_merge/{dataset}/{view}/{kernel}.tsv"
+        benchmark_file("kernel_merge", "{dataset}/{view}/{kernel}")
     wildcard_constraints:
         view=FULL_VIEW,
         kernel=methods("estimate"),
@@ -84,10 +71,7 @@ rule kernel_merge:
 
 use rule kernel_merge as kernel_merge_subset with:
     output:
-        expand(
-            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
-            file=kernel_files(fits_val=False),
-        ),
+        files(layout.kernel_dir(), kernel_files(fits_val=False)),
     wildcard_constraints:
         view=SUBSET_VIEW,
         kernel=methods("estimate"),
@@ -97,14 +81,11 @@ rule kernel_analytic:
     input:
         unpack(kernel_inputs),
     output:
-        expand(
-            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
-            file=kernel_files(fits_val=True),
-        ),
+        files(layout.kernel_dir(), kernel_files(fits_val=True)),
     log:
-        "results/logs/kernel_analytic/{dataset}/{view}/{kernel}.log",
+        log_file("kernel_analytic", "{dataset}/{view}/{kernel}"),
     benchmark:
-        "results/benchmarks/kernel_analytic/{dataset}/{view}/{kernel}.tsv"
+        benchmark_file("kernel_analytic", "{dataset}/{view}/{kernel}")
     wildcard_constraints:
         view=FULL_VIEW,
         kernel=methods("analytic"),
@@ -125,10 +106,7 @@ rule kernel_analytic:
 
 use rule kernel_analytic as kernel_analytic_subset with:
     output:
-        expand(
-            "results/kernels/{{dataset}}/{{view}}/{{kernel}}/{file}",
-            file=kernel_files(fits_val=False),
-        ),
+        files(layout.kernel_dir(), kernel_files(fits_val=False)),
     wildcard_constraints:
         view=SUBSET_VIEW,
         kernel=methods("analytic"),

@@ -7,12 +7,11 @@ rule train_network:
     input:
         network_inputs,
     output:
-        "results/networks/{dataset}/{network}/model.pt",
-        "results/networks/{dataset}/{network}/metrics.json",
+        files(layout.network_dir(), layout.NETWORK_FILES),
     log:
-        "results/logs/train_network/{dataset}/{network}.log",
+        log_file("train_network", "{dataset}/{network}"),
     benchmark:
-        "results/benchmarks/train_network/{dataset}/{network}.tsv"
+        benchmark_file("train_network", "{dataset}/{network}")
     conda:
         CONDA_ENV
     threads: job_threads

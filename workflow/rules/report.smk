@@ -11,9 +11,9 @@ rule report:
         "report/report.html",
         "report/report.md",
     log:
-        "results/logs/report/report.log",
+        log_file("report", "report"),
     benchmark:
-        "results/benchmarks/report/report.tsv"
+        benchmark_file("report", "report")
     conda:
         CONDA_ENV
     threads: 1
@@ -24,6 +24,6 @@ rule report:
         config=json.dumps(config, sort_keys=True),
         templates=lambda wildcards, input: os.path.dirname(input.templates[0]),
     shell:
-        "python -m neural_kernels report --results results --out-dir report"
+        f"python -m neural_kernels report --results {layout.RESULTS} --out-dir report"
         " --thesis {input.thesis:q} --templates {params.templates:q}"
         " --config-json {params.config:q} > {log:q} 2>&1"

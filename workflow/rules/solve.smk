@@ -6,12 +6,11 @@ rule solve:
     input:
         unpack(solve_inputs),
     output:
-        "results/solve/{dataset}/{view}/{kernel}/{solver}/predictions.npz",
-        "results/solve/{dataset}/{view}/{kernel}/{solver}/metrics.json",
+        files(layout.solve_dir(), layout.SOLVE_FILES),
     log:
-        "results/logs/solve/{dataset}/{view}/{kernel}/{solver}.log",
+        log_file("solve", "{dataset}/{view}/{kernel}/{solver}"),
     benchmark:
-        "results/benchmarks/solve/{dataset}/{view}/{kernel}/{solver}.tsv"
+        benchmark_file("solve", "{dataset}/{view}/{kernel}/{solver}")
     conda:
         CONDA_ENV
     threads: job_threads

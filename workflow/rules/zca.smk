@@ -3,15 +3,13 @@
 
 rule zca_whiten:
     input:
-        expand("results/data/{{dataset}}/{split}_images.npy", split=SPLITS),
+        files(layout.data_dir(), [split_files(split)[0] for split in SPLITS]),
     output:
-        expand("results/zca/{{dataset}}/{split}_images.npy", split=SPLITS),
-        "results/zca/{dataset}/transform.npz",
-        "results/zca/{dataset}/zca.json",
+        files(layout.zca_dir(), layout.zca_files()),
     log:
-        "results/logs/zca_whiten/{dataset}.log",
+        log_file("zca_whiten", "{dataset}"),
     benchmark:
-        "results/benchmarks/zca_whiten/{dataset}.tsv"
+        benchmark_file("zca_whiten", "{dataset}")
     conda:
         CONDA_ENV
     threads: job_threads

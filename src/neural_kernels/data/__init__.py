@@ -10,11 +10,11 @@ from neural_kernels.data.prepared import (
     prepare_dataset,
     write_subset,
 )
-from neural_kernels.data.sources import ARCHIVES, SOURCE_NAMES
+from neural_kernels.data.sources import ARCHIVES, SOURCES
 
 __all__ = [
     "ARCHIVES",
-    "SOURCE_NAMES",
+    "SOURCES",
     "download_file",
     "load_meta",
     "load_split",

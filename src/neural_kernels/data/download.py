@@ -88,6 +88,108 @@ def _stream_to(response: http.client.HTTPResponse, part: Path, url: str) -> None
         raise http.client.IncompleteRead(b"", expected - received)
 
 
+def _existing_copy_is_good(dest: Path, algorithm: str, expected: str) -> bool:
+    """True when ``dest`` exists with the ``expected`` digest; a wrong copy is removed."""
+    if not dest.exists():
+        return False
+    actual = file_digest(dest, algorithm)
+    if actual == expected:
+        log.info("%s already present with the expected %s digest", dest, algorithm)
+        return True
+    log.warning(
+        "%s exists but its %s digest is %s, not %s: removing it and downloading again",
+        dest,
+        algorithm,
+        actual,
+        expected,
+    )
+    dest.unlink()
+    return False
+
+
+def _attempt(
+    request: urllib.request.Request, part: Path, url: str, dest: Path, timeout: float
+) -> str | None:
+    """One try at streaming ``url`` to ``part``: ``None`` on success, else the problem.
+
+    Raises:
+        DownloadError: an HTTP error that another try cannot fix (e.g. 404).
+    """
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            _stream_to(response, part, url)
+        return None
+    except urllib.error.HTTPError as error:
+        if error.code not in TRANSIENT_HTTP_CODES:
+            raise DownloadError(
+                f"HTTP {error.code} ({error.reason}) for {url}: the address is "
+                f"wrong or the file moved. Fix the dataset's 'url' in the config, "
+                f"or put a copy of the archive at {dest} and rerun."
+            ) from None
+        return f"HTTP {error.code} ({error.reason})"
+    except http.client.IncompleteRead as error:
+        return f"transfer cut short ({error.expected} bytes missing)"
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        return f"network error: {reason}"
+
+
+def _fetch_with_retries(
+    request: urllib.request.Request,
+    part: Path,
+    url: str,
+    dest: Path,
+    *,
+    retries: int,
+    timeout: float,
+    backoff: float,
+) -> None:
+    """Stream ``url`` to ``part``, retrying transient failures with exponential backoff.
+
+    Raises:
+        DownloadError: a permanent HTTP error, or every one of ``retries + 1`` tries failed.
+    """
+    last_problem = "no attempt made"
+    for attempt in range(1, retries + 2):
+        problem = _attempt(request, part, url, dest, timeout)
+        if problem is None:
+            return
+        last_problem = problem
+        if attempt <= retries:
+            wait = backoff * 2 ** (attempt - 1)
+            log.warning(
+                "attempt %d/%d for %s failed (%s); retrying in %.1f s",
+                attempt,
+                retries + 1,
+                url,
+                last_problem,
+                wait,
+            )
+            time.sleep(wait)
+    raise DownloadError(
+        f"could not download {url} to {dest} after {retries + 1} attempts; last "
+        f"problem: {last_problem}. Check the network (or the 'url' in the config) "
+        f"and rerun, or put a copy of the archive at {dest}."
+    )
+
+
+def _verify_and_move(part: Path, dest: Path, url: str, algorithm: str, expected: str) -> None:
+    """Rename ``part`` to ``dest`` if its digest is ``expected``.
+
+    Raises:
+        ChecksumError: the digest differs (``part`` is left for the caller to remove).
+    """
+    actual = file_digest(part, algorithm)
+    if actual != expected:
+        raise ChecksumError(
+            f"checksum mismatch for {dest} downloaded from {url}: expected {algorithm} "
+            f"{expected}, got {actual} ({part.stat().st_size} bytes). The file was "
+            f"removed. Rerun to download it again; if the archive was replaced "
+            f"upstream, set the dataset's 'checksum' in the config."
+        )
+    os.replace(part, dest)
+
+
 def download_file(
     url: str,
     dest: Path | str,
@@ -111,70 +213,16 @@ def download_file(
     """
     dest = Path(dest)
     algorithm, expected = parse_checksum(checksum)
-    if dest.exists():
-        actual = file_digest(dest, algorithm)
-        if actual == expected:
-            log.info("%s already present with the expected %s digest", dest, algorithm)
-            return dest
-        log.warning(
-            "%s exists but its %s digest is %s, not %s: removing it and downloading again",
-            dest,
-            algorithm,
-            actual,
-            expected,
-        )
-        dest.unlink()
-
+    if _existing_copy_is_good(dest, algorithm, expected):
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     request = urllib.request.Request(url, headers={"User-Agent": "neural-kernels"})
-    last_problem = "no attempt made"
     try:
-        for attempt in range(1, retries + 2):
-            try:
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    _stream_to(response, part, url)
-                break
-            except urllib.error.HTTPError as error:
-                if error.code not in TRANSIENT_HTTP_CODES:
-                    raise DownloadError(
-                        f"HTTP {error.code} ({error.reason}) for {url}: the address is "
-                        f"wrong or the file moved. Fix the dataset's 'url' in the config, "
-                        f"or put a copy of the archive at {dest} and rerun."
-                    ) from None
-                last_problem = f"HTTP {error.code} ({error.reason})"
-            except http.client.IncompleteRead as error:
-                last_problem = f"transfer cut short ({error.expected} bytes missing)"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
-                reason = getattr(error, "reason", error)
-                last_problem = f"network error: {reason}"
-            if attempt <= retries:
-                wait = backoff * 2 ** (attempt - 1)
-                log.warning(
-                    "attempt %d/%d for %s failed (%s); retrying in %.1f s",
-                    attempt,
-                    retries + 1,
-                    url,
-                    last_problem,
-                    wait,
-                )
-                time.sleep(wait)
-        else:
-            raise DownloadError(
-                f"could not download {url} to {dest} after {retries + 1} attempts; last "
-                f"problem: {last_problem}. Check the network (or the 'url' in the config) "
-                f"and rerun, or put a copy of the archive at {dest}."
-            )
-
-        actual = file_digest(part, algorithm)
-        if actual != expected:
-            raise ChecksumError(
-                f"checksum mismatch for {dest} downloaded from {url}: expected {algorithm} "
-                f"{expected}, got {actual} ({part.stat().st_size} bytes). The file was "
-                f"removed. Rerun to download it again; if the archive was replaced "
-                f"upstream, set the dataset's 'checksum' in the config."
-            )
-        os.replace(part, dest)
+        _fetch_with_retries(
+            request, part, url, dest, retries=retries, timeout=timeout, backoff=backoff
+        )
+        _verify_and_move(part, dest, url, algorithm, expected)
     finally:
         part.unlink(missing_ok=True)
     log.info("downloaded %s (%s %s)", dest, algorithm, expected)

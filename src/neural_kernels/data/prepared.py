@@ -18,6 +18,7 @@ train split) and its own ``meta.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -28,13 +29,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from neural_kernels import __version__
-from neural_kernels.data import readers
 from neural_kernels.data.download import verify_checksum
 from neural_kernels.data.readers import LabelledImages, RawDataset
-from neural_kernels.data.sources import ARCHIVES, SOURCE_NAMES
+from neural_kernels.data.sources import SOURCES, Source, SourceFiles
 from neural_kernels.data.splits import balanced_subset, stratified_holdout
 from neural_kernels.errors import ChecksumError, DataError
 from neural_kernels.outputs import staged_directory, write_json
+from neural_kernels.settings import PrepareSettings, replace_none, resolve
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ SPLITS = ("train", "val", "test")
 REFIT_SPLITS = SPLITS[:2]
 META = "meta.json"
 COPY_CHUNK = 4096
-#: Share held out as test by sources without an official test split, unless told:
-#: the thesis splits ImageNet-R 9:1; digits and custom data keep a fifth.
-DEFAULT_TEST_FRACTION = {"imagenet_r": 0.1}
-FALLBACK_TEST_FRACTION = 0.2
 
 
 def split_files(split: str) -> tuple[str, str]:
@@ -135,85 +132,82 @@ def read_source(
     npz: Path | None = None,
     image_size: int = 224,
 ) -> RawDataset:
-    """Read one source's native layout (see :mod:`neural_kernels.data.readers`)."""
-    if source in ARCHIVES and archive is None:
+    """Read one registered source's native layout (see :mod:`neural_kernels.data.sources`)."""
+    entry = SOURCES.lookup(source)
+    if entry.input == "archive" and archive is None:
         raise DataError(
-            f"source {source!r} needs --archive (the downloaded {ARCHIVES[source].filename})"
+            f"source {source!r} needs --archive (the downloaded {entry.archive.filename})"
         )
-    if source == "digits":
-        return readers.read_digits()
-    if source == "cifar10":
-        return readers.read_cifar10(archive)
-    if source == "tiny_imagenet":
-        return readers.read_tiny_imagenet(archive, scratch)
-    if source == "imagenet_r":
-        return readers.read_imagenet_r(archive, image_size, scratch)
-    if source == "custom":
-        if npz is None:
-            raise DataError("source 'custom' needs --npz (your images and labels)")
-        return readers.read_custom(npz)
-    raise DataError(f"unknown source {source!r}; choose one of {', '.join(SOURCE_NAMES)}")
+    if entry.input == "npz" and npz is None:
+        raise DataError(f"source {source!r} needs --npz (your images and labels)")
+    return resolve(entry.read)(SourceFiles(archive, npz, scratch, image_size))
 
 
 def prepare_dataset(
     source: str,
     out_dir: Path | str,
+    settings: PrepareSettings | None = None,
     *,
     archive: Path | None = None,
     npz: Path | None = None,
-    val_fraction: float = 0.1,
-    test_fraction: float | None = None,
-    seed: int = 0,
-    image_size: int = 224,
     checksum: str | None = None,
+    **options: object,
 ) -> dict:
     """Convert a source into a prepared dataset directory (see the module docstring).
 
+    ``settings`` (or its fields as keywords, ``options``) sets the hold-outs:
     ``test_fraction`` is used only by sources without an official test split
-    (digits, imagenet_r, a custom ``.npz`` without ``test_images``); ``None`` means
-    0.1 for imagenet_r (the thesis's 9:1 split) and 0.2 otherwise. Returns the
-    metadata written to ``meta.json``.
+    (digits, imagenet_r, a custom ``.npz`` without ``test_images``); ``None`` means the
+    source's own (0.1 for imagenet_r, the thesis's 9:1 split; 0.2 otherwise). Returns
+    the metadata written to ``meta.json``.
     """
+    settings = dataclasses.replace(settings or PrepareSettings(), **options)
+    entry = SOURCES.lookup(source)
+    settings = replace_none(settings, test_fraction=entry.test_fraction)
     out_dir = Path(out_dir)
-    if test_fraction is None:
-        test_fraction = DEFAULT_TEST_FRACTION.get(source, FALLBACK_TEST_FRACTION)
     if archive is not None:
         check_archive(Path(archive), checksum)
     with staged_directory(out_dir, last=META) as stage:
         scratch = stage / "scratch"
         scratch.mkdir()
-        raw = read_source(source, scratch, archive=archive, npz=npz, image_size=image_size)
-        carved = carve_splits(raw, val_fraction, test_fraction, seed)
-        num_classes = len(raw.classes)
-        meta = {
-            "format": FORMAT,
-            "source": source,
-            "classes": raw.classes,
-            "num_classes": num_classes,
-            "image_shape": list(next(iter(raw.splits.values())).images.shape[1:]),
-            "splits": {},
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction if "test" not in raw.splits else None,
-            "official_test_split": "test" in raw.splits,
-            "seed": seed,
-            "archive": str(archive) if archive else None,
-            "npz": str(npz) if npz else None,
-            "checksum": checksum,
-            "image_size": image_size if source == "imagenet_r" else None,
-            "neural_kernels_version": __version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            **raw.extra,
-        }
+        raw = read_source(source, scratch, archive=archive, npz=npz, image_size=settings.image_size)
+        carved = carve_splits(raw, settings.val_fraction, settings.test_fraction, settings.seed)
+        inputs = {"archive": archive, "npz": npz, "checksum": checksum}
+        meta = _prepared_meta(entry, raw, settings, inputs)
         for split, (data, rows) in carved.items():
             _write_split(stage, split, data, rows)
             meta["splits"][split] = {
                 "size": len(rows),
-                "class_counts": class_counts(data.labels[rows], num_classes),
+                "class_counts": class_counts(data.labels[rows], meta["num_classes"]),
             }
             log.info("%s: %d images", split, len(rows))
         shutil.rmtree(scratch)
         write_json(stage / META, meta)
     return meta
+
+
+def _prepared_meta(entry: Source, raw: RawDataset, settings: PrepareSettings, inputs: dict) -> dict:
+    """meta.json of a prepared dataset, but for its splits."""
+    official_test = "test" in raw.splits
+    return {
+        "format": FORMAT,
+        "source": entry.name,
+        "classes": raw.classes,
+        "num_classes": len(raw.classes),
+        "image_shape": list(next(iter(raw.splits.values())).images.shape[1:]),
+        "splits": {},
+        "val_fraction": settings.val_fraction,
+        "test_fraction": None if official_test else settings.test_fraction,
+        "official_test_split": official_test,
+        "seed": settings.seed,
+        "archive": str(inputs["archive"]) if inputs["archive"] else None,
+        "npz": str(inputs["npz"]) if inputs["npz"] else None,
+        "checksum": inputs["checksum"],
+        "image_size": settings.image_size if entry.resizes else None,
+        "neural_kernels_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **raw.extra,
+    }
 
 
 def load_meta(data_dir: Path | str) -> dict:

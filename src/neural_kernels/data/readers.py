@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,6 +24,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from neural_kernels.errors import DataError
+
+if TYPE_CHECKING:
+    from neural_kernels.data.sources import SourceFiles
 
 log = logging.getLogger(__name__)
 
@@ -400,3 +404,31 @@ def read_custom(npz: Path) -> RawDataset:
     else:
         classes = [str(i) for i in range(num_classes)]
     return RawDataset(splits=splits, classes=classes)
+
+
+# ------------------------------------------------- the registered sources' entry points
+
+
+def digits_source(files: SourceFiles) -> RawDataset:
+    """Source ``digits``: :func:`read_digits`."""
+    return read_digits()
+
+
+def cifar10_source(files: SourceFiles) -> RawDataset:
+    """Source ``cifar10``: :func:`read_cifar10` of the downloaded archive."""
+    return read_cifar10(files.archive)
+
+
+def tiny_imagenet_source(files: SourceFiles) -> RawDataset:
+    """Source ``tiny_imagenet``: :func:`read_tiny_imagenet` of the downloaded archive."""
+    return read_tiny_imagenet(files.archive, files.scratch)
+
+
+def imagenet_r_source(files: SourceFiles) -> RawDataset:
+    """Source ``imagenet_r``: :func:`read_imagenet_r`, resized to ``image_size``."""
+    return read_imagenet_r(files.archive, files.image_size, files.scratch)
+
+
+def custom_source(files: SourceFiles) -> RawDataset:
+    """Source ``custom``: :func:`read_custom` of the user's ``.npz``."""
+    return read_custom(files.npz)

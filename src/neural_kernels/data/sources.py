@@ -1,13 +1,23 @@
-"""Where each dataset comes from: official archive address, file name and checksum.
+"""The data sources by name: where each comes from and which reader decodes it.
 
-The digests are the published ones (torchvision's for CIFAR-10; the values every
-Tiny ImageNet and ImageNet-R loader checks against). A config may override ``url`` and
+:data:`SOURCES` is the registry that ``neural-kernels prepare --source``, the config
+schema's check and the workflow read. A source is a reader (a function of
+:class:`SourceFiles` returning a :class:`~neural_kernels.data.readers.RawDataset`) and,
+for a downloaded dataset, its official archive: address, file name and checksum. The
+digests are the published ones (torchvision's for CIFAR-10; the values every Tiny
+ImageNet and ImageNet-R loader checks against). A config may override ``url`` and
 ``checksum`` per dataset (a mirror, or the loopback server of the tests).
+
+A new source is one :func:`register_source` call with its reader.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from neural_kernels.settings import Registry
 
 
 @dataclass(frozen=True)
@@ -48,5 +58,68 @@ ARCHIVES: dict[str, ArchiveSource] = {
     )
 }
 
-#: Every value the config's ``source`` key accepts.
-SOURCE_NAMES: tuple[str, ...] = ("digits", *ARCHIVES, "custom")
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """What a reader is given: its input file and a scratch directory it may fill."""
+
+    archive: Path | None  # the downloaded archive (sources with one)
+    npz: Path | None  # the user's .npz (sources that read one)
+    scratch: Path  # removed after the prepare stage
+    image_size: int  # the square size sources of variable-size images resize to
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered data source.
+
+    ``read``: its reader, ``"module:function"`` (imported when it runs) or the function;
+    ``input``: what it reads, ``"archive"`` (then ``archive`` is set), ``"npz"`` or
+    ``None``; ``test_fraction``: the share held out as test when it has no official
+    test split; ``resizes``: it resizes images to the ``image_size`` setting.
+    """
+
+    name: str
+    read: str | Callable
+    description: str
+    input: str | None = None
+    archive: ArchiveSource | None = None
+    test_fraction: float = 0.2
+    resizes: bool = False
+
+
+SOURCES: Registry = Registry("source")
+
+
+def register_source(source: Source) -> Source:
+    """Add ``source`` under its name; ``neural-kernels prepare --source`` accepts it at
+    once (a config needs it in the schema's ``source`` enum too)."""
+    if (source.input == "archive") != (source.archive is not None):
+        raise ValueError(f"{source.name}: input 'archive' goes with an ArchiveSource")
+    return SOURCES.register(source.name, source)
+
+
+_READERS = "neural_kernels.data.readers"
+register_source(Source("digits", f"{_READERS}:digits_source", "scikit-learn's bundled 8x8 digits"))
+for _archive in ARCHIVES.values():
+    register_source(
+        Source(
+            _archive.name,
+            f"{_READERS}:{_archive.name}_source",
+            _archive.description,
+            input="archive",
+            archive=_archive,
+            # the thesis splits ImageNet-R 9:1
+            test_fraction=0.1 if _archive.name == "imagenet_r" else 0.2,
+            resizes=_archive.name == "imagenet_r",
+        )
+    )
+register_source(
+    Source(
+        "custom",
+        f"{_READERS}:custom_source",
+        "your .npz: 'images' (N,H,W[,C]) uint8, 'labels' (N,) int; optional "
+        "'test_images', 'test_labels', 'classes'",
+        input="npz",
+    )
+)

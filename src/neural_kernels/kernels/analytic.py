@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,10 @@ from tqdm import tqdm
 from neural_kernels.architectures import Serial
 from neural_kernels.device import resolve_device
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.settings import ANALYTIC_PRECISIONS
 
 log = logging.getLogger(__name__)
 
-#: "mixed": float32 up to the last 2x2 pool, float64 after (Shankar et al.'s configs).
-PRECISIONS = ("float64", "float32", "mixed")
 #: Bytes of one block's covariance tensor ``(B, B, H, W, H, W)`` that ``block_size=None``
 #: aims at on a GPU (2 GiB); on a CPU, one core's L2 cache (:func:`l2_cache_bytes`), so
 #: that the block stays in cache across the ~13 elementwise passes of each ReLU map.
@@ -81,10 +81,13 @@ def _as_images(images: NDArray, name: str) -> NDArray:
 
 
 def _precision(arch: Serial, precision: str) -> tuple[torch.dtype, int | None]:
-    """The working dtype and the index of the first float64 layer, if any."""
-    if precision not in PRECISIONS:
+    """The working dtype and the index of the first float64 layer, if any.
+
+    ``mixed``: float32 up to the last 2x2 pool, float64 after (Shankar et al.'s configs).
+    """
+    if precision not in ANALYTIC_PRECISIONS:
         raise NeuralKernelsError(
-            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+            f"unknown precision {precision!r}; choose one of {', '.join(ANALYTIC_PRECISIONS)}"
         )
     if precision == "float64":
         return torch.float64, None
@@ -118,6 +121,103 @@ def self_stds(
     return stds, np.concatenate(diagonal)
 
 
+@dataclass(frozen=True)
+class _BlockGrid:
+    """The blocks of an ``n_rows x n_cols`` kernel, ``size`` images per block side."""
+
+    n_rows: int
+    n_cols: int
+    size: int
+    symmetric: bool
+
+    @property
+    def row_blocks(self) -> int:
+        return math.ceil(self.n_rows / self.size)
+
+    @property
+    def col_blocks(self) -> int:
+        return math.ceil(self.n_cols / self.size)
+
+    def bounds(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """``(r0, r1, c0, c1)``: the rows and columns of block ``(i, j)``."""
+        r0, r1 = i * self.size, min(self.n_rows, (i + 1) * self.size)
+        c0, c1 = j * self.size, min(self.n_cols, (j + 1) * self.size)
+        return r0, r1, c0, c1
+
+    def todo(self, done: NDArray) -> list[tuple[int, int]]:
+        """The unfinished blocks (on and above the diagonal when symmetric)."""
+        return [
+            (i, j)
+            for i in range(self.row_blocks)
+            for j in range(self.col_blocks)
+            if not (self.symmetric and j < i) and not done[i * self.col_blocks + j]
+        ]
+
+    def pairs(self, blocks: list[tuple[int, int]]) -> int:
+        """The image pairs in ``blocks``."""
+        return sum(
+            min(self.size, self.n_rows - i * self.size)
+            * min(self.size, self.n_cols - j * self.size)
+            for i, j in blocks
+        )
+
+
+def _outputs(
+    grid: _BlockGrid, out: NDArray | None, done: NDArray | None
+) -> tuple[NDArray, NDArray]:
+    """``out`` and the resume mask ``done``, allocated when not given, shapes checked."""
+    if out is None:
+        out = np.empty((grid.n_rows, grid.n_cols))
+    if out.shape != (grid.n_rows, grid.n_cols):
+        raise NeuralKernelsError(
+            f"out has shape {out.shape}, expected {(grid.n_rows, grid.n_cols)}"
+        )
+    blocks = grid.row_blocks * grid.col_blocks
+    if done is None:
+        done = np.zeros(blocks, dtype=bool)
+    if done.shape != (blocks,):
+        raise NeuralKernelsError("the resume mask does not match the kernel's block layout")
+    return out, done
+
+
+def _block_kernel(
+    arch: Serial,
+    rows: NDArray,
+    cols: NDArray,
+    stds: tuple[list[torch.Tensor], list[torch.Tensor]],
+    bounds: tuple[int, int, int, int],
+    precision: tuple[torch.dtype, int | None],
+    device: torch.device,
+) -> NDArray:
+    """``K(rows[r0:r1], cols[c0:c1])`` as a host float64 array.
+
+    ``stds``: the rows' and columns' :func:`self_stds`; ``precision``: the working
+    dtype and first float64 layer (:func:`_precision`).
+    """
+    (r0, r1, c0, c1), (dtype, float64_from) = bounds, precision
+    x = torch.tensor(np.asarray(rows[r0:r1]), dtype=dtype, device=device)
+    y = torch.tensor(np.asarray(cols[c0:c1]), dtype=dtype, device=device)
+    sx = [s[r0:r1].to(device) for s in stds[0]]
+    sy = [s[c0:c1].to(device) for s in stds[1]]
+    k = arch.cross_kernel(x, y, sx, sy, float64_from=float64_from)
+    return k.double().cpu().numpy()
+
+
+def _store_block(
+    grid: _BlockGrid, i: int, j: int, block: NDArray, out: NDArray, done: NDArray
+) -> None:
+    """Write block ``(i, j)`` (and its mirror when symmetric) and mark it done."""
+    r0, r1, c0, c1 = grid.bounds(i, j)
+    if grid.symmetric and i == j:
+        block = (block + block.T) / 2  # exactly symmetric despite rounding
+    out[r0:r1, c0:c1] = block
+    if grid.symmetric and i != j:
+        out[c0:c1, r0:r1] = block.T
+    done[i * grid.col_blocks + j] = True
+    if grid.symmetric:
+        done[j * grid.col_blocks + i] = True
+
+
 def analytic_kernel(
     arch: Serial,
     images: NDArray,
@@ -148,58 +248,27 @@ def analytic_kernel(
         )
     arch.check_image_size(*images.shape[1:3])
     run_device = resolve_device(device)
-    dtype, float64_from = _precision(arch, precision)
+    dtypes = _precision(arch, precision)
     block_size = block_size or auto_block_size(*images.shape[1:3], run_device, precision)
-    n_rows, n_cols = len(rows), len(images)
-    if out is None:
-        out = np.empty((n_rows, n_cols))
-    if out.shape != (n_rows, n_cols):
-        raise NeuralKernelsError(f"out has shape {out.shape}, expected {(n_rows, n_cols)}")
-    row_blocks = math.ceil(n_rows / block_size)
-    col_blocks = math.ceil(n_cols / block_size)
-    if done is None:
-        done = np.zeros(row_blocks * col_blocks, dtype=bool)
-    if done.shape != (row_blocks * col_blocks,):
-        raise NeuralKernelsError("the resume mask does not match the kernel's block layout")
-
+    grid = _BlockGrid(len(rows), len(images), block_size, symmetric)
+    out, done = _outputs(grid, out, done)
     stds_cols, _ = self_stds(arch, images, precision=precision, device=run_device)
     stds_rows = (
         stds_cols if symmetric else self_stds(arch, rows, precision=precision, device=run_device)[0]
     )
-
-    todo = [
-        (i, j)
-        for i in range(row_blocks)
-        for j in range(col_blocks)
-        if not (symmetric and j < i) and not done[i * col_blocks + j]
-    ]
-    pairs = sum(
-        min(block_size, n_rows - i * block_size) * min(block_size, n_cols - j * block_size)
-        for i, j in todo
-    )
+    stds = (stds_rows, stds_cols)
+    todo = grid.todo(done)
     with tqdm(
-        total=pairs,
+        total=grid.pairs(todo),
         unit="pair",
         unit_scale=True,
         disable=not progress,
         desc=f"analytic {arch.name}",
     ) as bar:
         for i, j in todo:
-            r0, r1 = i * block_size, min(n_rows, (i + 1) * block_size)
-            c0, c1 = j * block_size, min(n_cols, (j + 1) * block_size)
-            x = torch.tensor(np.asarray(rows[r0:r1]), dtype=dtype, device=run_device)
-            y = torch.tensor(np.asarray(images[c0:c1]), dtype=dtype, device=run_device)
-            sx = [s[r0:r1].to(run_device) for s in stds_rows]
-            sy = [s[c0:c1].to(run_device) for s in stds_cols]
-            k = arch.cross_kernel(x, y, sx, sy, float64_from=float64_from)
-            block = k.double().cpu().numpy()
-            if symmetric and i == j:
-                block = (block + block.T) / 2  # exactly symmetric despite rounding
-            out[r0:r1, c0:c1] = block
-            if symmetric and i != j:
-                out[c0:c1, r0:r1] = block.T
-            done[i * col_blocks + j] = True
-            if symmetric:
-                done[j * col_blocks + i] = True
+            bounds = grid.bounds(i, j)
+            block = _block_kernel(arch, rows, images, stds, bounds, dtypes, run_device)
+            _store_block(grid, i, j, block, out, done)
+            r0, r1, c0, c1 = bounds
             bar.update((r1 - r0) * (c1 - c0))
     return out

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,57 +38,9 @@ from tqdm import tqdm
 
 from neural_kernels.architectures import Project, Serial
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.settings import EstimateSettings
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("float32", "tf32", "bf16")
-
-
-@dataclass(frozen=True)
-class EstimateSettings:
-    """How many random networks, how wide, and how they are computed."""
-
-    width: int = 16
-    networks: int = 256
-    chunk_networks: int = 32
-    batch_size: int = 256
-    precision: str = "float32"
-    seed: int = 0
-    tile_rows: int = 2048
-
-    def __post_init__(self) -> None:
-        for name in ("width", "networks", "chunk_networks", "batch_size", "tile_rows"):
-            if getattr(self, name) < 1:
-                raise NeuralKernelsError(f"{name} must be a positive integer")
-        if self.precision not in PRECISIONS:
-            raise NeuralKernelsError(
-                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
-            )
-
-    @property
-    def chunks(self) -> int:
-        return math.ceil(self.networks / self.chunk_networks)
-
-    @property
-    def features(self) -> int:
-        return self.networks * self.width
-
-    def shard_chunks(self, shard: int, shards: int) -> range:
-        """The chunk indices of shard ``shard`` (0-based) out of ``shards``."""
-        if not 1 <= shards <= self.chunks:
-            raise NeuralKernelsError(
-                f"{shards} shards cannot split {self.chunks} chunks of {self.chunk_networks} "
-                f"networks; use 1..{self.chunks} shards or smaller chunk_networks"
-            )
-        if not 0 <= shard < shards:
-            raise NeuralKernelsError(f"shard index {shard} is not in 0..{shards - 1}")
-        return range(shard * self.chunks // shards, (shard + 1) * self.chunks // shards)
-
-    def chunk_networks_at(self, chunk: int) -> int:
-        return min(self.chunk_networks, self.networks - chunk * self.chunk_networks)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def chunk_parameters(
@@ -177,6 +128,146 @@ def _device_budget(device: torch.device, feature_bytes: int) -> int:
     return max(int(0.75 * (free - 3 * feature_bytes)), 1 << 28)
 
 
+@dataclass(frozen=True)
+class _TilePlan:
+    """The accumulator tiles of :func:`estimate_sums` and the passes that group them.
+
+    The eval sets are stacked after the ``n_train`` train rows: set ``names[k]`` holds
+    the global rows ``offsets[k]..offsets[k + 1]``.
+    """
+
+    n_train: int
+    n_eval: int
+    names: tuple[str, ...]
+    offsets: NDArray
+    tiles: list[tuple[int, int, int]]
+    passes: list[list[int]]
+
+    def spans(self) -> Iterator[tuple[str, int, int]]:
+        """``(name, first global row, stop)`` of each eval set."""
+        return zip(self.names, self.offsets[:-1], self.offsets[1:], strict=True)
+
+
+def _plan_tiles(
+    n_train: int,
+    evals: Mapping[str, NDArray],
+    settings: EstimateSettings,
+    device: torch.device,
+    max_accumulator_bytes: int | None,
+) -> _TilePlan:
+    """Tile the train triangle and the eval rows; group the tiles into passes that fit."""
+    names = tuple(evals)
+    sizes = [len(evals[name]) for name in names]
+    n_eval = sum(sizes)
+    tiles = _row_tiles(n_train, n_eval, settings.tile_rows)
+    feature_bytes = (n_train + n_eval) * settings.chunk_networks * settings.width * 4
+    budget = max_accumulator_bytes or _device_budget(device, feature_bytes)
+    passes = _passes(tiles, n_train, budget)
+    offsets = np.cumsum([n_train, *sizes])
+    return _TilePlan(n_train, n_eval, names, offsets, tiles, passes)
+
+
+@dataclass
+class _SumsJob:
+    """One :func:`estimate_sums` call: its inputs, tile plan, outputs and timings."""
+
+    arch: Serial
+    train: NDArray
+    evals: Mapping[str, NDArray]
+    settings: EstimateSettings
+    device: torch.device
+    plan: _TilePlan
+    out_train: NDArray
+    out_evals: dict[str, NDArray]
+    sqnorms: dict[str, NDArray]
+    seconds: dict[str, float]
+
+
+def _stacked_eval_rows(evals: Mapping[str, NDArray], plan: _TilePlan, r0: int, r1: int) -> NDArray:
+    """Rows r0..r1 (global eval row numbers, past n_train) of the stacked eval sets."""
+    parts = []
+    for name, start, stop in plan.spans():
+        lo, hi = max(r0, start), min(r1, stop)
+        if lo < hi:
+            parts.append(np.asarray(evals[name][lo - start : hi - start]))
+    return np.concatenate(parts)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_chunk(
+    job: _SumsJob,
+    chunk: int,
+    pass_tiles: list[int],
+    acc: dict[int, torch.Tensor],
+    eval_sq: torch.Tensor,
+    need_eval: bool,
+) -> None:
+    """Add chunk ``chunk``'s feature products to the pass's tiles (and eval sq. norms)."""
+    plan, settings, n_train = job.plan, job.settings, job.plan.n_train
+    params = chunk_parameters(job.arch, settings, chunk, job.train.shape[3])
+    options = dict(batch_size=settings.batch_size, device=job.device, precision=settings.precision)
+    started = time.perf_counter()
+    phi = random_features(job.arch, params, job.train, **options)
+    phi_eval = None
+    if need_eval:
+        stacked = _stacked_eval_rows(job.evals, plan, n_train, n_train + plan.n_eval)
+        phi_eval = random_features(job.arch, params, stacked, **options)
+        eval_sq += phi_eval.double().square().sum(dim=1)
+    _synchronize(job.device)
+    mid = time.perf_counter()
+    for index in pass_tiles:
+        r0, r1, c0 = plan.tiles[index]
+        rows = phi[r0:r1] if r0 < n_train else phi_eval[r0 - n_train : r1 - n_train]
+        acc[index].add_(rows @ phi[c0:].T)
+    _synchronize(job.device)
+    job.seconds["features"] += mid - started
+    job.seconds["gram"] += time.perf_counter() - mid
+
+
+def _store_tiles(job: _SumsJob, pass_tiles: list[int], acc: dict[int, torch.Tensor]) -> None:
+    """Copy a finished pass's tiles to the outputs (mirroring the train triangle)."""
+    plan = job.plan
+    for index in pass_tiles:
+        r0, r1, c0 = plan.tiles[index]
+        block = acc.pop(index).cpu().numpy()
+        if r0 < plan.n_train:
+            job.out_train[r0:r1, c0:] = block
+            job.out_train[r1:, r0:r1] = block[:, r1 - r0 :].T
+        else:
+            for name, start, stop in plan.spans():
+                lo, hi = max(r0, start), min(r1, stop)
+                if lo < hi:
+                    job.out_evals[name][lo - start : hi - start] = block[lo - r0 : hi - r0]
+
+
+def _one_pass(job: _SumsJob, pass_tiles: list[int], chunks: range, bar: tqdm) -> None:
+    """Accumulate the tiles of one pass over every chunk, then store them."""
+    tiles, n_train = job.plan.tiles, job.plan.n_train
+    acc = {
+        index: torch.zeros(
+            (tiles[index][1] - tiles[index][0], n_train - tiles[index][2]),
+            dtype=torch.float64,
+            device=job.device,
+        )
+        for index in pass_tiles
+    }
+    eval_sq = torch.zeros(job.plan.n_eval, dtype=torch.float64, device=job.device)
+    need_eval = any(tiles[i][0] >= n_train for i in pass_tiles)
+    for chunk in chunks:
+        _one_chunk(job, chunk, pass_tiles, acc, eval_sq, need_eval)
+        bar.update()
+    _store_tiles(job, pass_tiles, acc)
+    if need_eval:
+        values = eval_sq.cpu().numpy()
+        for name, start, stop in job.plan.spans():
+            job.sqnorms[name] = values[start - n_train : stop - n_train]
+
+
 def estimate_sums(
     arch: Serial,
     train: NDArray,
@@ -198,105 +289,36 @@ def estimate_sums(
     """
     chunks = range(settings.chunks) if chunks is None else chunks
     n_train = len(train)
-    names = list(evals)
-    sizes = [len(evals[name]) for name in names]
-    n_eval = sum(sizes)
-    height, width, channels = train.shape[1:]
+    height, width, _ = train.shape[1:]
     arch.check_image_size(height, width)
-    if out_train is None:
-        out_train = np.zeros((n_train, n_train))
+    plan = _plan_tiles(n_train, evals, settings, device, max_accumulator_bytes)
+    out_train = np.zeros((n_train, n_train)) if out_train is None else out_train
     out_evals = dict(out_evals or {})
-    for name, size in zip(names, sizes, strict=True):
+    for name, start, stop in plan.spans():
         if name not in out_evals:
-            out_evals[name] = np.zeros((size, n_train))
-    sqnorms = {name: np.zeros(size) for name, size in zip(names, sizes, strict=True)}
-    tiles = _row_tiles(n_train, n_eval, settings.tile_rows)
-    feature_bytes = (n_train + n_eval) * settings.chunk_networks * settings.width * 4
-    budget = max_accumulator_bytes or _device_budget(device, feature_bytes)
-    passes = _passes(tiles, n_train, budget)
-    offsets = np.cumsum([n_train, *sizes])
+            out_evals[name] = np.zeros((stop - start, n_train))
+    sqnorms = {name: np.zeros(stop - start) for name, start, stop in plan.spans()}
     seconds = {"features": 0.0, "gram": 0.0}
-
-    def eval_rows(r0: int, r1: int) -> NDArray:
-        """Rows r0..r1 (global eval row numbers, past n_train) of the stacked eval sets."""
-        parts = []
-        for name, start, stop in zip(names, offsets[:-1], offsets[1:], strict=True):
-            lo, hi = max(r0, start), min(r1, stop)
-            if lo < hi:
-                parts.append(np.asarray(evals[name][lo - start : hi - start]))
-        return np.concatenate(parts)
-
-    total_steps = len(passes) * len(chunks)
+    job = _SumsJob(
+        arch, train, evals, settings, device, plan, out_train, out_evals, sqnorms, seconds
+    )
     bar = tqdm(
-        total=total_steps,
+        total=len(plan.passes) * len(chunks),
         unit="chunk",
         disable=not progress,
         desc=f"estimate {arch.name} ({settings.features} features)",
     )
     with bar, _matmul_precision(settings.precision):
-        for pass_tiles in passes:
-            acc = {
-                index: torch.zeros(
-                    (tiles[index][1] - tiles[index][0], n_train - tiles[index][2]),
-                    dtype=torch.float64,
-                    device=device,
-                )
-                for index in pass_tiles
-            }
-            eval_sq = torch.zeros(n_eval, dtype=torch.float64, device=device)
-            need_eval = any(tiles[i][0] >= n_train for i in pass_tiles)
-            for chunk in chunks:
-                params = chunk_parameters(arch, settings, chunk, channels)
-                started = time.perf_counter()
-                phi = random_features(
-                    arch,
-                    params,
-                    train,
-                    batch_size=settings.batch_size,
-                    device=device,
-                    precision=settings.precision,
-                )
-                phi_eval = None
-                if need_eval:
-                    phi_eval = random_features(
-                        arch,
-                        params,
-                        eval_rows(n_train, n_train + n_eval),
-                        batch_size=settings.batch_size,
-                        device=device,
-                        precision=settings.precision,
-                    )
-                    eval_sq += phi_eval.double().square().sum(dim=1)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                mid = time.perf_counter()
-                for index in pass_tiles:
-                    r0, r1, c0 = tiles[index]
-                    rows = phi[r0:r1] if r0 < n_train else phi_eval[r0 - n_train : r1 - n_train]
-                    acc[index].add_(rows @ phi[c0:].T)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds["features"] += mid - started
-                seconds["gram"] += time.perf_counter() - mid
-                bar.update()
-            for index in pass_tiles:
-                r0, r1, c0 = tiles[index]
-                block = acc.pop(index).cpu().numpy()
-                if r0 < n_train:
-                    out_train[r0:r1, c0:] = block
-                    out_train[r1:, r0:r1] = block[:, r1 - r0 :].T
-                else:
-                    for name, start, stop in zip(names, offsets[:-1], offsets[1:], strict=True):
-                        lo, hi = max(r0, start), min(r1, stop)
-                        if lo < hi:
-                            out_evals[name][lo - start : hi - start] = block[lo - r0 : hi - r0]
-            if need_eval:
-                values = eval_sq.cpu().numpy()
-                for name, start, stop in zip(names, offsets[:-1], offsets[1:], strict=True):
-                    sqnorms[name] = values[start - n_train : stop - n_train]
+        for pass_tiles in plan.passes:
+            _one_pass(job, pass_tiles, chunks, bar)
     features = sum(settings.chunk_networks_at(c) for c in chunks) * settings.width
-    result = {"train": out_train, "features": features, "seconds": seconds, "passes": len(passes)}
-    for name in names:
+    result = {
+        "train": out_train,
+        "features": features,
+        "seconds": seconds,
+        "passes": len(plan.passes),
+    }
+    for name in plan.names:
         result[name] = out_evals[name]
         result[f"{name}_sqnorm"] = sqnorms[name]
     return result

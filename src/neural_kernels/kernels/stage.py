@@ -19,28 +19,36 @@ An estimate shard directory holds raw sums instead: ``train.npy``, ``<eval>.npy`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
-from neural_kernels.architectures import myrtle
+from neural_kernels.architectures import Project, Serial, myrtle
 from neural_kernels.data.rows import StackedRows
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
-from neural_kernels.kernels.estimate import EstimateSettings, estimate_sums, projected_kernel
+from neural_kernels.kernels.estimate import estimate_sums, projected_kernel
 from neural_kernels.kernels.layout import KERNEL_META, SHARD_META
-from neural_kernels.outputs import staged_directory, write_json
+from neural_kernels.outputs import resume_dir, resume_key, staged_directory, write_json
+from neural_kernels.settings import AnalyticSettings, EstimateSettings, KernelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
+
+#: The default of :func:`analytic_files` (frozen, so one instance serves every call).
+DEFAULT_ANALYTIC = AnalyticSettings()
 
 
 class ImageRows:
@@ -138,22 +146,27 @@ class FittedRows(StackedRows):
         return segments
 
 
-def _inputs(
-    train: Path,
-    evals: Mapping[str, Path],
-    train_indices: Path | None,
-    flips: bool,
-    val: Path | None = None,
-) -> tuple[FittedRows, dict[str, ImageRows]]:
-    parts = {"train": ImageRows(Path(train), _load_indices(train_indices), flips)}
-    if val is not None:
-        if "val" in evals:
+@dataclass(frozen=True)
+class KernelInputs:
+    """The image files of a kernel stage: fitted rows (train [+ val]) and eval splits."""
+
+    train: Path
+    evals: Mapping[str, Path]
+    train_indices: Path | None = None
+    val: Path | None = None
+
+
+def _inputs(inputs: KernelInputs, flips: bool) -> tuple[FittedRows, dict[str, ImageRows]]:
+    """The fitted rows and the eval splits' rows, read from ``inputs``' files."""
+    parts = {"train": ImageRows(Path(inputs.train), _load_indices(inputs.train_indices), flips)}
+    if inputs.val is not None:
+        if "val" in inputs.evals:
             raise NeuralKernelsError(
                 "the val split is either fitted (val=...) or an eval split, not both"
             )
-        parts["val"] = ImageRows(Path(val), flips=flips)
+        parts["val"] = ImageRows(Path(inputs.val), flips=flips)
     rows = FittedRows(parts)
-    eval_rows = {name: ImageRows(Path(p)) for name, p in evals.items()}
+    eval_rows = {name: ImageRows(Path(p)) for name, p in inputs.evals.items()}
     for name, images in eval_rows.items():
         if images.shape[1:] != rows.shape[1:]:
             raise DataError(
@@ -178,44 +191,58 @@ def _describe(rows: FittedRows, evals: Mapping[str, ImageRows]) -> dict:
     }
 
 
+def _spec_record(method: str, spec: KernelSpec, settings: dict) -> dict:
+    """A record's leading keys: the method, the kernel and the method's settings."""
+    return {
+        "method": method,
+        "arch": spec.arch,
+        "activation": spec.activation,
+        "gamma": spec.gamma,
+        "flips": spec.flips,
+        "settings": settings,
+    }
+
+
+def _open_sums(
+    stage: Path, rows: FittedRows, eval_rows: Mapping[str, ImageRows]
+) -> tuple[NDArray, dict[str, NDArray]]:
+    """Memory-mapped float64 ``train.npy`` and ``<eval>.npy`` (one column per fitted row)."""
+    out_train = np.lib.format.open_memmap(
+        stage / "train.npy", mode="w+", dtype=np.float64, shape=(len(rows), len(rows))
+    )
+    out_evals = {
+        name: np.lib.format.open_memmap(
+            stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=(len(e), len(rows))
+        )
+        for name, e in eval_rows.items()
+    }
+    return out_train, out_evals
+
+
 def estimate_shard(
-    train: Path,
-    evals: Mapping[str, Path],
+    inputs: KernelInputs,
     out_dir: Path,
-    *,
-    arch: str,
-    activation: str = "relu",
-    gamma: float = 1.0,
-    flips: bool = False,
+    spec: KernelSpec,
     settings: EstimateSettings,
+    *,
     shard: int = 0,
     shards: int = 1,
-    train_indices: Path | None = None,
-    val: Path | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """One shard of an estimated kernel: raw float64 sums over its networks' features.
 
-    ``val`` puts the validation rows into the fitted (symmetric) block after the train
-    rows (see the module docstring).
+    ``inputs.val`` puts the validation rows into the fitted (symmetric) block after the
+    train rows (see the module docstring).
     """
-    net = myrtle(arch, activation, gamma)
+    net = spec.network()
     chunks = settings.shard_chunks(shard, shards)
-    rows, eval_rows = _inputs(train, evals, train_indices, flips, val)
+    rows, eval_rows = _inputs(inputs, spec.flips)
     run_device = resolve_device(device, stage=f"kernel-shard {shard + 1}/{shards}")
     reset_peak_memory(run_device)
     started = time.perf_counter()
     with staged_directory(Path(out_dir), last=SHARD_META) as stage:
-        out_train = np.lib.format.open_memmap(
-            stage / "train.npy", mode="w+", dtype=np.float64, shape=(len(rows), len(rows))
-        )
-        out_evals = {
-            name: np.lib.format.open_memmap(
-                stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=(len(e), len(rows))
-            )
-            for name, e in eval_rows.items()
-        }
+        out_train, out_evals = _open_sums(stage, rows, eval_rows)
         sums = estimate_sums(
             net,
             rows,
@@ -235,12 +262,7 @@ def estimate_shard(
         seconds = time.perf_counter() - started
         n_images = len(rows) + sum(len(e) for e in eval_rows.values())
         record = {
-            "method": "estimate",
-            "arch": arch,
-            "activation": activation,
-            "gamma": gamma,
-            "flips": flips,
-            "settings": settings.as_dict(),
+            **_spec_record("estimate", spec, settings.as_dict()),
             "shard": shard,
             "shards": shards,
             "chunks": [chunks.start, chunks.stop],
@@ -265,13 +287,8 @@ def _read_meta(path: Path) -> dict:
         raise DataError(f"cannot read {path} ({error}); rerun the step that writes it") from None
 
 
-def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) -> dict:
-    """Add the shards' sums and apply the final projection; write a kernel directory.
-
-    The shards must come from the same settings and cover every chunk exactly once.
-    """
-    started = time.perf_counter()
-    metas = [_read_meta(Path(d) / SHARD_META) for d in shard_dirs]
+def _check_same_configuration(shard_dirs: list[Path], metas: list[dict]) -> None:
+    """Every shard has the first one's kernel, settings, shard count and inputs."""
     first = metas[0]
     same = ("arch", "activation", "gamma", "flips", "settings", "shards", "inputs")
     for directory, meta in zip(shard_dirs, metas, strict=True):
@@ -281,154 +298,223 @@ def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) 
                     f"shard {directory} differs from {shard_dirs[0]} in {key!r}; "
                     "rerun the shards with one configuration"
                 )
-    settings = EstimateSettings(**first["settings"])
-    final = myrtle(first["arch"], first["activation"], first["gamma"]).final
+
+
+def _check_coverage(metas: list[dict], settings: EstimateSettings) -> None:
+    """The shards cover every chunk of ``settings`` exactly once."""
     covered = sorted(c for meta in metas for c in range(*meta["chunks"]))
     if covered != list(range(settings.chunks)):
         raise NeuralKernelsError(
             f"the shards cover chunks {covered[:5]}... but need each of 0..{settings.chunks - 1} "
             "exactly once; pass every shard directory once"
         )
-    evals = [name for name in first["inputs"] if name not in ("train", "image_shape")]
-    n = first["inputs"]["train"]["rows"]
-    with staged_directory(Path(out_dir), last=KERNEL_META) as stage:
-        names = ["train", *evals]
-        outs = {}
-        for name in names:
-            shape = (n if name == "train" else first["inputs"][name]["rows"], n)
-            parts = [np.load(Path(d) / f"{name}.npy", mmap_mode="r") for d in shard_dirs]
-            out = np.lib.format.open_memmap(
-                stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=shape
-            )
-            for start in range(0, shape[0], block_rows):
-                rows = slice(start, start + block_rows)
-                out[rows] = sum(part[rows] for part in parts)
-            outs[name] = out
-        diag = np.diagonal(outs["train"]).copy()
-        for name in names:
-            row_sq = (
-                diag
-                if name == "train"
-                else sum(np.load(Path(d) / f"{name}_sqnorm.npy") for d in shard_dirs)
-            )
-            projected_kernel(outs[name], row_sq, diag, final, out=outs[name], block_rows=block_rows)
-            outs[name].flush()
-        record = {
-            key: first[key]
-            for key in ("method", "arch", "activation", "gamma", "flips", "settings", "inputs")
-        }
-        shard_seconds = [m["seconds"]["total"] for m in metas]
-        record.update(
-            features=sum(m["features"] for m in metas),
-            shards=len(metas),
-            devices=sorted({m["device"] for m in metas}),
-            seconds={
-                "shards_total": sum(shard_seconds),
-                "shards_max": max(shard_seconds),
-                "features": sum(m["seconds"]["features"] for m in metas),
-                "gram": sum(m["seconds"]["gram"] for m in metas),
-                "merge": time.perf_counter() - started,
-            },
-            image_features_per_second=sum(m["image_features_per_second"] for m in metas)
-            / len(metas),
-            shard_peak_memory_mb=max(m.get("host_peak_rss_mb", 0.0) for m in metas),
+
+
+def _add_sums(
+    stage: Path, shard_dirs: list[Path], inputs: dict, names: list[str], block_rows: int
+) -> dict[str, NDArray]:
+    """Memory-mapped ``<name>.npy`` in ``stage``: the shards' sums, added in row blocks."""
+    n = inputs["train"]["rows"]
+    outs = {}
+    for name in names:
+        shape = (n if name == "train" else inputs[name]["rows"], n)
+        parts = [np.load(Path(d) / f"{name}.npy", mmap_mode="r") for d in shard_dirs]
+        out = np.lib.format.open_memmap(
+            stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=shape
         )
+        for start in range(0, shape[0], block_rows):
+            rows = slice(start, start + block_rows)
+            out[rows] = sum(part[rows] for part in parts)
+        outs[name] = out
+    return outs
+
+
+def _project_sums(
+    outs: dict[str, NDArray], shard_dirs: list[Path], final: Project | None, block_rows: int
+) -> None:
+    """Turn each summed Gram matrix in ``outs`` into its kernel, in place."""
+    diag = np.diagonal(outs["train"]).copy()
+    for name in outs:
+        row_sq = (
+            diag
+            if name == "train"
+            else sum(np.load(Path(d) / f"{name}_sqnorm.npy") for d in shard_dirs)
+        )
+        projected_kernel(outs[name], row_sq, diag, final, out=outs[name], block_rows=block_rows)
+        outs[name].flush()
+
+
+def _merged_record(metas: list[dict], started: float) -> dict:
+    """kernel.json of merged shards: the shards' configuration, totals and timings."""
+    first = metas[0]
+    record = {
+        key: first[key]
+        for key in ("method", "arch", "activation", "gamma", "flips", "settings", "inputs")
+    }
+    shard_seconds = [m["seconds"]["total"] for m in metas]
+    record.update(
+        features=sum(m["features"] for m in metas),
+        shards=len(metas),
+        devices=sorted({m["device"] for m in metas}),
+        seconds={
+            "shards_total": sum(shard_seconds),
+            "shards_max": max(shard_seconds),
+            "features": sum(m["seconds"]["features"] for m in metas),
+            "gram": sum(m["seconds"]["gram"] for m in metas),
+            "merge": time.perf_counter() - started,
+        },
+        image_features_per_second=sum(m["image_features_per_second"] for m in metas) / len(metas),
+        shard_peak_memory_mb=max(m.get("host_peak_rss_mb", 0.0) for m in metas),
+    )
+    return record
+
+
+def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) -> dict:
+    """Add the shards' sums and apply the final projection; write a kernel directory.
+
+    The shards must come from the same settings and cover every chunk exactly once.
+    """
+    started = time.perf_counter()
+    metas = [_read_meta(Path(d) / SHARD_META) for d in shard_dirs]
+    first = metas[0]
+    _check_same_configuration(shard_dirs, metas)
+    settings = EstimateSettings(**first["settings"])
+    final = myrtle(first["arch"], first["activation"], first["gamma"]).final
+    _check_coverage(metas, settings)
+    evals = [name for name in first["inputs"] if name not in ("train", "image_shape")]
+    with staged_directory(Path(out_dir), last=KERNEL_META) as stage:
+        outs = _add_sums(stage, shard_dirs, first["inputs"], ["train", *evals], block_rows)
+        _project_sums(outs, shard_dirs, final, block_rows)
+        record = _merged_record(metas, started)
         write_json(stage / KERNEL_META, record)
     return record
 
 
-def _resume_key(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+def _resume_block_size(
+    scratch: Path, settings: AnalyticSettings, rows: FittedRows, device: torch.device
+) -> tuple[int, bool]:
+    """The block size to use, and whether it is chosen automatically.
+
+    An automatic block size depends on the host (its L2 cache, CPU or GPU): a resumed
+    run keeps the one its finished blocks were computed with (``auto_block_size`` in
+    the resume directory ``scratch``), wherever it now runs.
+    """
+    block_size = settings.block_size
+    auto_file = scratch / "auto_block_size"
+    if block_size is None and auto_file.exists():
+        block_size = int(auto_file.read_text())
+    auto = block_size is None
+    block_size = block_size or auto_block_size(*rows.shape[1:3], device, settings.precision)
+    return block_size, auto
+
+
+def _open_blocks(
+    scratch: Path, name: str, shape: tuple[int, int], block_size: int, fresh: bool
+) -> tuple[NDArray, NDArray]:
+    """The memory-mapped kernel ``<name>.npy`` in ``scratch`` and its mask of done blocks.
+
+    Both are reopened when resuming (and present), created otherwise.
+    """
+    n_rows, n_cols = shape
+    path, mask = scratch / f"{name}.npy", scratch / f"{name}.done.npy"
+    blocks = -(-n_rows // block_size) * -(-n_cols // block_size)
+    if fresh or not path.exists() or not mask.exists():
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
+        done = np.lib.format.open_memmap(mask, mode="w+", dtype=bool, shape=(blocks,))
+    else:
+        out = np.load(path, mmap_mode="r+")
+        done = np.load(mask, mmap_mode="r+")
+        log.info("resuming %s: %d of %d blocks done", name, int(done.sum()), blocks)
+    return out, done
+
+
+def _analytic_matrix(
+    net: Serial,
+    rows: FittedRows,
+    images: ImageRows | None,
+    scratch: Path,
+    name: str,
+    settings: AnalyticSettings,
+    fresh: bool,
+    device: torch.device,
+    progress: bool,
+) -> float:
+    """Compute (or finish) ``<name>.npy`` in ``scratch``; returns the seconds it took.
+
+    ``K(images, rows)``, or the symmetric ``K(rows, rows)`` when ``images`` is ``None``;
+    ``settings.block_size`` is set.
+    """
+    n_rows = len(rows) if images is None else len(images)
+    out, done = _open_blocks(scratch, name, (n_rows, len(rows)), settings.block_size, fresh)
+    started = time.perf_counter()
+    analytic_kernel(
+        net,
+        rows,
+        images,
+        block_size=settings.block_size,
+        precision=settings.precision,
+        device=str(device),
+        out=out,
+        done=done,
+        progress=progress,
+    )
+    out.flush()
+    done.flush()
+    return time.perf_counter() - started
+
+
+def _move_in(out_dir: Path, scratch: Path, names: list[str], record: dict) -> None:
+    """Move the finished kernels from ``scratch`` into ``out_dir``, kernel.json last."""
+    with staged_directory(out_dir, last=KERNEL_META) as stage:
+        for name in names:
+            os.replace(scratch / f"{name}.npy", stage / f"{name}.npy")
+        write_json(stage / KERNEL_META, record)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def analytic_files(
-    train: Path,
-    evals: Mapping[str, Path],
+    inputs: KernelInputs,
     out_dir: Path,
+    spec: KernelSpec,
+    settings: AnalyticSettings = DEFAULT_ANALYTIC,
     *,
-    arch: str,
-    activation: str = "relu",
-    gamma: float = 1.0,
-    flips: bool = False,
-    block_size: int | None = None,
-    precision: str = "float64",
-    train_indices: Path | None = None,
-    val: Path | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """The analytic kernel directory; an interrupted run resumes from finished blocks.
 
-    ``val`` puts the validation rows into the fitted (symmetric) block after the train
-    rows (see the module docstring).
+    ``inputs.val`` puts the validation rows into the fitted (symmetric) block after the
+    train rows (see the module docstring).
 
     Blocks are written to memory maps in ``.<out_dir name>.resume/`` beside
     ``out_dir``, with a mask of finished blocks, and moved in at the end.
     """
-    net = myrtle(arch, activation, gamma)
-    rows, eval_rows = _inputs(train, evals, train_indices, flips, val)
+    net = spec.network()
+    rows, eval_rows = _inputs(inputs, spec.flips)
     run_device = resolve_device(device, stage="kernel-analytic")
     out_dir = Path(out_dir)
+    # resume_dir's directory, read before the key, which includes the block size.
     scratch = out_dir.parent / f".{out_dir.name}.resume"
-    # An automatic block size depends on the host (its L2 cache, CPU or GPU): a resumed
-    # run keeps the one its finished blocks were computed with, wherever it now runs.
-    auto_file = scratch / "auto_block_size"
-    if block_size is None and auto_file.exists():
-        block_size = int(auto_file.read_text())
-    auto = block_size is None
-    block_size = block_size or auto_block_size(*rows.shape[1:3], run_device, precision)
+    block_size, auto = _resume_block_size(scratch, settings, rows, run_device)
+    settings = AnalyticSettings(block_size, settings.precision)
     reset_peak_memory(run_device)
     record = {
-        "method": "analytic",
-        "arch": arch,
-        "activation": activation,
-        "gamma": gamma,
-        "flips": flips,
-        "settings": {"block_size": block_size, "precision": precision},
+        **_spec_record(
+            "analytic", spec, {"block_size": block_size, "precision": settings.precision}
+        ),
         "inputs": _describe(rows, eval_rows),
     }
-    key = _resume_key(record)
-    key_file = scratch / "key"
-    if scratch.exists() and (not key_file.exists() or key_file.read_text() != key):
-        shutil.rmtree(scratch)
-    fresh = not scratch.exists()
-    scratch.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key)
+    scratch, fresh = resume_dir(out_dir, resume_key(record))
     if auto:
-        auto_file.write_text(str(block_size))
+        (scratch / "auto_block_size").write_text(str(block_size))
     started = time.perf_counter()
     seconds = {}
     pairs = 0
     for name, images in [("train", None), *eval_rows.items()]:
-        n_rows = len(rows) if images is None else len(images)
-        path, mask = scratch / f"{name}.npy", scratch / f"{name}.done.npy"
-        blocks = -(-n_rows // block_size) * -(-len(rows) // block_size)
-        if fresh or not path.exists() or not mask.exists():
-            out = np.lib.format.open_memmap(
-                path, mode="w+", dtype=np.float64, shape=(n_rows, len(rows))
-            )
-            done = np.lib.format.open_memmap(mask, mode="w+", dtype=bool, shape=(blocks,))
-        else:
-            out = np.load(path, mmap_mode="r+")
-            done = np.load(mask, mmap_mode="r+")
-            log.info("resuming %s: %d of %d blocks done", name, int(done.sum()), blocks)
-        t0 = time.perf_counter()
-        analytic_kernel(
-            net,
-            rows,
-            images,
-            block_size=block_size,
-            precision=precision,
-            device=str(run_device),
-            out=out,
-            done=done,
-            progress=progress,
+        seconds[name] = _analytic_matrix(
+            net, rows, images, scratch, name, settings, fresh, run_device, progress
         )
-        out.flush()
-        done.flush()
-        seconds[name] = time.perf_counter() - t0
-        pairs += n_rows * len(rows) if images is not None else len(rows) * (len(rows) + 1) // 2
-        del out, done
+        pairs += len(images) * len(rows) if images is not None else len(rows) * (len(rows) + 1) // 2
     record.update(
         device=device_name(run_device),
         seconds={"total": time.perf_counter() - started, **seconds},
@@ -436,9 +522,5 @@ def analytic_files(
         pairs_per_second=pairs / max(time.perf_counter() - started, 1e-9),
         **peak_memory_mb(run_device),
     )
-    with staged_directory(out_dir, last=KERNEL_META) as stage:
-        for name in ["train", *eval_rows]:
-            os.replace(scratch / f"{name}.npy", stage / f"{name}.npy")
-        write_json(stage / KERNEL_META, record)
-    shutil.rmtree(scratch, ignore_errors=True)
+    _move_in(out_dir, scratch, ["train", *eval_rows], record)
     return record

@@ -17,6 +17,22 @@ from pathlib import Path
 import pandas as pd
 
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.layout import (
+    DATA_META,
+    KERNEL_META,
+    NETWORK_METRICS,
+    SOLVE_METRICS,
+    ZCA_META,
+    benchmark_file,
+    data_dir,
+    in_results,
+    kernel_dir,
+    network_dir,
+    script_benchmark,
+    solve_dir,
+    subset_dir,
+    zca_dir,
+)
 
 
 class ReportError(NeuralKernelsError):
@@ -85,24 +101,29 @@ def _parts(path: Path, root: Path) -> list[str]:
     return list(path.relative_to(root).parts)
 
 
+def _pattern(directory: str, name: str) -> str:
+    """A glob, relative to the results root, of every ``name`` in such directories."""
+    return in_results(f"{directory}/{name}")
+
+
 def collect(results_dir: Path) -> Results:
     """Walk ``results_dir`` (the workflow's ``results/``) and read every result file."""
     root = Path(results_dir)
     results = Results(root)
-    for meta in sorted(root.glob("data/*/meta.json")):
+    for meta in sorted(root.glob(_pattern(data_dir("*"), DATA_META))):
         results.datasets[meta.parent.name] = read_json(meta, ("source", "splits"))
-    for meta in sorted(root.glob("data/*/subsets/*/meta.json")):
+    for meta in sorted(root.glob(_pattern(subset_dir("*", "*"), DATA_META))):
         _, dataset, _, view, _ = _parts(meta, root)
         results.subsets[(dataset, view)] = read_json(meta, ("size", "seed"))
-    for meta in sorted(root.glob("zca/*/zca.json")):
+    for meta in sorted(root.glob(_pattern(zca_dir("*"), ZCA_META))):
         results.zca[meta.parent.name] = read_json(meta, ("variant", "solver"))
-    for meta in sorted(root.glob("kernels/*/*/*/kernel.json")):
+    for meta in sorted(root.glob(_pattern(kernel_dir("*", "*", "*"), KERNEL_META))):
         _, dataset, view, name, _ = _parts(meta, root)
         record = read_json(meta, ("method", "arch", "activation", "flips", "seconds"))
         results.kernels.append(
             record | {"dataset": dataset, "view": view, "name": name, "path": str(meta)}
         )
-    for meta in sorted(root.glob("solve/*/*/*/*/metrics.json")):
+    for meta in sorted(root.glob(_pattern(solve_dir("*", "*", "*", "*"), SOLVE_METRICS))):
         _, dataset, view, kernel_name, solver, _ = _parts(meta, root)
         record = read_json(
             meta, ("method", "kernel", "grid", "selected", "test_accuracy", "best_on_test")
@@ -117,16 +138,16 @@ def collect(results_dir: Path) -> Results:
                 "path": str(meta),
             }
         )
-    for meta in sorted(root.glob("networks/*/*/metrics.json")):
+    for meta in sorted(root.glob(_pattern(network_dir("*", "*"), NETWORK_METRICS))):
         _, dataset, name, _ = _parts(meta, root)
         record = read_json(meta, ("model", "settings", "test_accuracy"))
         results.networks.append(record | {"dataset": dataset, "name": name, "path": str(meta)})
-    for table in sorted(root.glob("benchmarks/*/**/*.tsv")):
+    for table in sorted(root.glob(in_results(benchmark_file("*", "**/*")))):
         rule, *job = _parts(table, root)[1:]
         results.benchmarks.append(
             {"rule": rule, "job": re.sub(r"\.tsv$", "", "/".join(job)), "path": str(table)}
             | read_benchmark(table)
         )
-    for script in sorted(root.glob("benchmarks/*.json")):
+    for script in sorted(root.glob(in_results(script_benchmark()))):
         results.scripts[script.stem] = read_json(script)
     return results

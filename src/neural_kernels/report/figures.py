@@ -8,7 +8,6 @@ which experiment would provide it).
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neural_kernels.kernels.compare import centred_relative_error  # noqa: E402
+from neural_kernels.layout import FULL_VIEW, subset_of  # noqa: E402
 from neural_kernels.report.collect import Results  # noqa: E402
 
 plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "figure.dpi": 100})
@@ -53,7 +53,9 @@ def _axes(xlabel: str, ylabel: str, logx: bool = False) -> tuple[plt.Figure, plt
 
 
 def _kind(view: str) -> str:
-    return "full" if view == "full" else re.sub(r"-seed\d+$", "", view)
+    """``full``, or ``n<size>`` for every subset of that size."""
+    subset = subset_of(view)
+    return FULL_VIEW if subset is None else f"n{subset[0]}"
 
 
 def kernel_errors(results: Results) -> list[dict]:

@@ -7,16 +7,29 @@ after copying ``results/`` from a cluster is one command that recomputes nothing
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import importlib.metadata
 import json
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
 
+from neural_kernels.layout import (
+    KERNEL_META,
+    NETWORK_METRICS,
+    SOLVE_METRICS,
+    ZCA_META,
+    in_results,
+    kernel_dir,
+    network_dir,
+    solve_dir,
+    zca_dir,
+)
 from neural_kernels.outputs import staged_directory
 from neural_kernels.report.collect import Results, collect, read_json
 from neural_kernels.report.figures import FIGURES, cost_growth
@@ -24,12 +37,13 @@ from neural_kernels.report.tables import fill_tables, kernel_seconds, load_thesi
 
 PACKAGES = ("neural-kernels", "torch", "torchvision", "numpy", "scipy", "snakemake", "jinja2")
 #: Where a stage's own JSON (device, in-script timers) sits, by benchmark rule.
-STAGE_RECORDS = {
-    "zca_whiten": "zca/{job}/zca.json",
-    "kernel_analytic": "kernels/{job}/kernel.json",
-    "kernel_merge": "kernels/{job}/kernel.json",
-    "solve": "solve/{job}/metrics.json",
-    "train_network": "networks/{job}/metrics.json",
+STAGE_RECORDS: dict[str, Callable[..., str]] = {
+    "zca_whiten": lambda *job: f"{zca_dir(*job)}/{ZCA_META}",
+    "kernel_analytic": lambda *job: f"{kernel_dir(*job)}/{KERNEL_META}",
+    "kernel_merge": lambda *job: f"{kernel_dir(*job)}/{KERNEL_META}",
+    "kernel_estimate_shard": lambda *job: f"{kernel_dir(*job[:-1])}/{KERNEL_META}",
+    "solve": lambda *job: f"{solve_dir(*job)}/{SOLVE_METRICS}",
+    "train_network": lambda *job: f"{network_dir(*job)}/{NETWORK_METRICS}",
 }
 
 
@@ -74,10 +88,10 @@ def timings(results: Results) -> list[dict]:
     for bench in results.benchmarks:
         rule, job = bench["rule"], bench["job"]
         device, extra = "cpu", ""
-        pattern = STAGE_RECORDS.get(rule)
-        if rule == "kernel_estimate_shard":
-            pattern, job = STAGE_RECORDS["kernel_merge"], job.rsplit("/", 1)[0]
-        record_path = results.root / pattern.format(job=job) if pattern else None
+        record_of = STAGE_RECORDS.get(rule)
+        record_path = None
+        with contextlib.suppress(TypeError):  # a job of another shape has no record
+            record_path = results.root / in_results(record_of(*job.split("/")))
         if record_path is not None and record_path.exists():
             record = read_json(record_path)
             device = ", ".join(record.get("devices") or [record.get("device", "cpu")])

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from neural_kernels.layout import FULL_VIEW, subset_of
 from neural_kernels.report.collect import ReportError, Results
 from neural_kernels.report.notes import what_ours_ran
 
@@ -126,14 +127,15 @@ def _thesis_text(cell: dict, unit: str) -> str:
 
 
 def _view_matches(view: str, table: dict) -> bool:
-    if table["view"] == "full":
-        return view == "full"
+    subset = subset_of(view)
+    if table["view"] == FULL_VIEW:
+        return subset is None
     size = table.get("subset_size")
-    return view.startswith(f"n{size}-seed") if size else view != "full"
+    return subset is not None and (not size or subset[0] == size)
 
 
 def _analogue_view(view: str, table: dict) -> bool:
-    return (view == "full") == (table["view"] == "full")
+    return (view == FULL_VIEW) == (table["view"] == FULL_VIEW)
 
 
 def _subset(spec: dict, record: dict) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,12 +30,17 @@ from tqdm import tqdm
 
 from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.solvers.flow import (
+    Candidates,
     Matrix,
     flow_alpha_from_eigh,
     kernel_eigh,
     kernel_matmul,
     kernel_rows,
 )
+
+if TYPE_CHECKING:
+    from neural_kernels.settings import SolverSettings
+    from neural_kernels.solvers.stage import Fit
 
 Tensor = torch.Tensor
 
@@ -105,3 +111,22 @@ def boosting_path(
                 step,
                 [{name: s[:, cols].clone() for name, s in scores.items()} for cols in columns],
             )
+
+
+def boosting_candidates(
+    settings: SolverSettings, fit: Fit, targets: Tensor, device: torch.device, progress: bool
+) -> Candidates:
+    """Boosting after every step at every ``settings.eta_t`` (:func:`boosting_path`)."""
+    path = boosting_path(
+        fit.kernel,
+        targets,
+        fit.evals,
+        batch_size=settings.batch_size,
+        steps=settings.steps,
+        eta_ts=settings.eta_t,
+        seed=settings.seed,
+        progress=progress,
+    )
+    for step, scores in path:
+        for eta_t, score in zip(settings.eta_t, scores, strict=True):
+            yield {"step": step, "eta_t": eta_t}, score

@@ -23,6 +23,7 @@ Everything runs in float64 on the device of the kernel tensor (CUDA or CPU).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
@@ -30,6 +31,10 @@ import torch
 from numpy.typing import NDArray
 
 from neural_kernels.errors import NeuralKernelsError
+
+if TYPE_CHECKING:
+    from neural_kernels.settings import SolverSettings
+    from neural_kernels.solvers.stage import Fit
 
 Tensor = torch.Tensor
 #: A kernel block: a tensor, or a (memory-mapped) float64 array read in row blocks.
@@ -190,6 +195,33 @@ def ridge_path(
             {"train": kernel @ alpha}
             | {name: kernel_matmul(k, alpha) for name, k in evals.items()},
         )
+
+
+#: What a solver's candidate generator yields: hyperparameters and, for each of
+#: ``"train"`` and the fit's eval splits, the ``(rows, classes)`` scores, or an error
+#: message for a grid point that failed (see :mod:`neural_kernels.solvers.registry`).
+Candidates = Iterator[tuple[dict, dict[str, Tensor] | str]]
+
+
+def dense_kernel(fit: Fit, device: torch.device) -> Tensor:
+    """The fit's kernel block as a float64 tensor on ``device`` (read in full)."""
+    return torch.from_numpy(np.array(fit.kernel, dtype=np.float64)).to(device)
+
+
+def flow_candidates(
+    settings: SolverSettings, fit: Fit, targets: Tensor, device: torch.device, progress: bool
+) -> Candidates:
+    """The gradient flow at every ``settings.eta_t`` (:func:`flow_path`)."""
+    path = flow_path(dense_kernel(fit, device), targets, fit.evals, settings.eta_t)
+    return (({"eta_t": eta_t}, scores) for eta_t, scores in path)
+
+
+def ridge_candidates(
+    settings: SolverSettings, fit: Fit, targets: Tensor, device: torch.device, progress: bool
+) -> Candidates:
+    """Kernel ridge regression at every ``settings.lambdas`` (:func:`ridge_path`)."""
+    path = ridge_path(dense_kernel(fit, device), targets, fit.evals, settings.lambdas)
+    return (({"lambda": lam}, scores) for lam, scores in path)
 
 
 def _check_square(kernel: Tensor) -> None:

@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,65 +45,19 @@ from numpy.typing import NDArray
 from neural_kernels.data.prepared import REFIT_SPLITS
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
+from neural_kernels.kernels.layout import KERNEL_META
+from neural_kernels.layout import SOLVE_METRICS as METRICS
+from neural_kernels.layout import SOLVE_PREDICTIONS as PREDICTIONS
 from neural_kernels.outputs import staged_directory, write_json
-from neural_kernels.solvers.boosting import boosting_path
-from neural_kernels.solvers.flow import Matrix, flow_path, one_hot_targets, ridge_path
+from neural_kernels.settings import SolverSettings, resolve
+from neural_kernels.solvers.flow import Matrix, one_hot_targets
+from neural_kernels.solvers.registry import SOLVERS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("flow", "ridge", "boosting")
 SPLITS = ("train", "val", "test")
-METRICS = "metrics.json"
-PREDICTIONS = "predictions.npz"
-#: Default grids: 2 points per decade. The Myrtle kernels have a unit diagonal, so
-#: these absolute values suit every dataset (eigenvalues run up to about N).
-DEFAULT_ETA_T = tuple(float(10.0**e) for e in np.arange(-2.0, 8.01, 0.5))
-DEFAULT_LAMBDAS = tuple(float(10.0**e) for e in np.arange(1.0, -9.01, -0.5))
-DEFAULT_BOOSTING_ETA_T = (1e2, 1e4)
 TARGETS = "centred one-hot: 1 - 1/C for the class, -1/C elsewhere"
-
-
-@dataclass(frozen=True)
-class SolverSettings:
-    """A solver and its hyperparameter grid.
-
-    ``eta_t``: flow and boosting (the per-batch flow); ``lambdas``: ridge;
-    ``batch_size`` (``M``), ``steps`` and ``seed`` (of the batch shuffles): boosting.
-    """
-
-    method: str
-    eta_t: tuple[float, ...] = ()
-    lambdas: tuple[float, ...] = ()
-    batch_size: int = 256
-    steps: int = 20
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise NeuralKernelsError(
-                f"unknown solver method {self.method!r}; choose one of {', '.join(METHODS)}"
-            )
-        default_eta_t = DEFAULT_BOOSTING_ETA_T if self.method == "boosting" else DEFAULT_ETA_T
-        # Grids ordered from the most regularised candidate (see the tie rule).
-        eta_t = sorted(float(v) for v in self.eta_t or default_eta_t)
-        lambdas = sorted((float(v) for v in self.lambdas or DEFAULT_LAMBDAS), reverse=True)
-        object.__setattr__(self, "eta_t", tuple(eta_t))
-        object.__setattr__(self, "lambdas", tuple(lambdas))
-        grid = self.lambdas if self.method == "ridge" else self.eta_t
-        if min(grid) <= 0 or not all(map(math.isfinite, grid)):
-            name = "lambdas" if self.method == "ridge" else "eta_t"
-            raise NeuralKernelsError(f"{name} must be positive finite numbers, got {list(grid)}")
-        if self.batch_size < 1 or self.steps < 1 or self.seed < 0:
-            raise NeuralKernelsError("batch_size and steps must be >= 1 and seed >= 0")
-
-    def describe(self) -> dict:
-        """The settings that matter for this method (what metrics.json records)."""
-        keys = {
-            "flow": ("method", "eta_t"),
-            "ridge": ("method", "lambdas"),
-            "boosting": ("method", "eta_t", "batch_size", "steps", "seed"),
-        }[self.method]
-        return {key: getattr(self, key) for key in keys}
+SELECTION_RULE = "best validation accuracy; ties to the most regularised candidate"
 
 
 def accuracy(scores: torch.Tensor, labels: NDArray) -> float:
@@ -149,7 +102,7 @@ def _layout(record: dict, kernel_dir: Path) -> list[dict]:
         rows = record["inputs"]["train"]["rows"]
     except (KeyError, TypeError):
         raise DataError(
-            f"{kernel_dir / 'kernel.json'} does not describe its fitted rows (inputs.train."
+            f"{kernel_dir / KERNEL_META} does not describe its fitted rows (inputs.train."
             "layout): it was written by an older version; recompute the kernel"
         ) from None
     splits = [segment["split"] for segment in layout]
@@ -159,10 +112,83 @@ def _layout(record: dict, kernel_dir: Path) -> list[dict]:
     ordered = splits and splits[0] == "train" and set(splits) <= set(REFIT_SPLITS)
     if not (tiled and ordered and splits == sorted(splits, key=REFIT_SPLITS.index)):
         raise DataError(
-            f"{kernel_dir / 'kernel.json'}: malformed row layout {layout} for {rows} rows; "
+            f"{kernel_dir / KERNEL_META}: malformed row layout {layout} for {rows} rows; "
             "recompute the kernel"
         )
     return layout
+
+
+def _read_record(kernel_dir: Path) -> dict:
+    """``kernel.json`` of a finished kernel directory, or a clear error."""
+    meta_path = kernel_dir / KERNEL_META
+    if not meta_path.exists():
+        raise DataError(
+            f"{kernel_dir} is not a finished kernel directory (no {KERNEL_META}); "
+            "compute the kernel first (snakemake kernels, or neural-kernels kernel-analytic)"
+        )
+    return json.loads(meta_path.read_text())
+
+
+def _read_labels(labels: Mapping[str, Path]) -> dict[str, NDArray]:
+    """The integer labels of every split."""
+    missing = [split for split in SPLITS if split not in labels]
+    if missing:
+        raise NeuralKernelsError(f"labels missing for split(s) {', '.join(missing)}")
+    return {split: _load_npy(Path(labels[split])).astype(np.int64) for split in SPLITS}
+
+
+def _check_segments(layout: list[dict], ys: dict[str, NDArray], kernel_dir: Path) -> None:
+    """Every segment of fitted rows has as many rows as its split has labels."""
+    for segment in layout:
+        if segment["stop"] - segment["start"] != len(ys[segment["split"]]):
+            raise DataError(
+                f"{kernel_dir}: the kernel has {segment['stop'] - segment['start']} "
+                f"{segment['split']} rows{' (mirrored)' if segment['mirrored'] else ''} but "
+                f"the labels give {len(ys[segment['split']])}; were the kernel and the labels "
+                "made from the same dataset and subset?"
+            )
+
+
+def _read_blocks(
+    kernel_dir: Path, fitted: list[str], ys: dict[str, NDArray], rows: int
+) -> dict[str, NDArray]:
+    """The memory-mapped ``train`` block and eval blocks, their shapes checked."""
+    names = ["train", *(split for split in SPLITS if split not in fitted)]
+    blocks = {name: _load_npy(kernel_dir / f"{name}.npy", mmap=True) for name in names}
+    for name, block in blocks.items():
+        expected = (rows if name == "train" else len(ys[name]), rows)
+        if block.shape != expected:
+            raise DataError(
+                f"{kernel_dir / (name + '.npy')} has shape {block.shape} but kernel.json and "
+                f"the labels give {expected}; recompute the kernel or pass its own labels"
+            )
+    return blocks
+
+
+def _refit_fits(
+    blocks: dict[str, NDArray], layout: list[dict], ys: dict[str, NDArray], row_labels: NDArray
+) -> tuple[Fit, Fit]:
+    """Selection on the train rows scored on the val rows; refit on all, scored on test."""
+    kernel = blocks["train"]
+    train_rows = max(seg["stop"] for seg in layout if seg["split"] == "train")
+    val = next(seg for seg in layout if seg["split"] == "val" and not seg["mirrored"])
+    selection = Fit(
+        kernel=kernel[:train_rows, :train_rows],
+        labels=row_labels[:train_rows],
+        evals={"val": kernel[val["start"] : val["stop"], :train_rows]},
+        eval_labels={"val": ys["val"]},
+        images=len(ys["train"]),
+        splits=("train",),
+    )
+    refit = Fit(
+        kernel=kernel,
+        labels=row_labels,
+        evals={"test": blocks["test"]},
+        eval_labels={"test": ys["test"]},
+        images=sum(len(ys[split]) for split in REFIT_SPLITS),
+        splits=REFIT_SPLITS,
+    )
+    return selection, refit
 
 
 def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
@@ -172,103 +198,28 @@ def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
     images' labels). Every block's shape is checked against the labels.
     """
     kernel_dir = Path(kernel_dir)
-    meta_path = kernel_dir / "kernel.json"
-    if not meta_path.exists():
-        raise DataError(
-            f"{kernel_dir} is not a finished kernel directory (no kernel.json); "
-            "compute the kernel first (snakemake kernels, or neural-kernels kernel-analytic)"
-        )
-    record = json.loads(meta_path.read_text())
-    missing = [split for split in SPLITS if split not in labels]
-    if missing:
-        raise NeuralKernelsError(f"labels missing for split(s) {', '.join(missing)}")
-    ys = {split: _load_npy(Path(labels[split])).astype(np.int64) for split in SPLITS}
+    record = _read_record(kernel_dir)
+    ys = _read_labels(labels)
     layout = _layout(record, kernel_dir)
-    for segment in layout:
-        if segment["stop"] - segment["start"] != len(ys[segment["split"]]):
-            raise DataError(
-                f"{kernel_dir}: the kernel has {segment['stop'] - segment['start']} "
-                f"{segment['split']} rows{' (mirrored)' if segment['mirrored'] else ''} but "
-                f"the labels give {len(ys[segment['split']])}; were the kernel and the labels "
-                "made from the same dataset and subset?"
-            )
+    _check_segments(layout, ys, kernel_dir)
     fitted = [segment["split"] for segment in layout]
-    train_rows = max(seg["stop"] for seg in layout if seg["split"] == "train")
     row_labels = np.concatenate([ys[segment["split"]] for segment in layout])
-    block_names = ["train", *(split for split in SPLITS if split not in fitted)]
-    blocks = {name: _load_npy(kernel_dir / f"{name}.npy", mmap=True) for name in block_names}
-    n = len(row_labels)
-    for name, block in blocks.items():
-        expected = (n if name == "train" else len(ys[name]), n)
-        if block.shape != expected:
-            raise DataError(
-                f"{kernel_dir / (name + '.npy')} has shape {block.shape} but kernel.json and "
-                f"the labels give {expected}; recompute the kernel or pass its own labels"
-            )
-    kernel = blocks["train"]
-    images = {split: len(ys[split]) for split in SPLITS}
+    blocks = _read_blocks(kernel_dir, fitted, ys, len(row_labels))
     if "val" in fitted:
-        val = next(seg for seg in layout if seg["split"] == "val" and not seg["mirrored"])
-        selection = Fit(
-            kernel=kernel[:train_rows, :train_rows],
-            labels=row_labels[:train_rows],
-            evals={"val": kernel[val["start"] : val["stop"], :train_rows]},
-            eval_labels={"val": ys["val"]},
-            images=images["train"],
-            splits=("train",),
-        )
-        refit = Fit(
-            kernel=kernel,
-            labels=row_labels,
-            evals={"test": blocks["test"]},
-            eval_labels={"test": ys["test"]},
-            images=sum(images[split] for split in REFIT_SPLITS),
-            splits=REFIT_SPLITS,
-        )
+        selection, refit = _refit_fits(blocks, layout, ys, row_labels)
     else:
         selection = Fit(
-            kernel=kernel,
+            kernel=blocks["train"],
             labels=row_labels,
             evals={"val": blocks["val"], "test": blocks["test"]},
             eval_labels={"val": ys["val"], "test": ys["test"]},
-            images=images["train"],
+            images=len(ys["train"]),
             splits=("train",),
         )
         refit = None
     num_classes = int(max(y.max(initial=0) for y in ys.values())) + 1
+    images = {split: len(ys[split]) for split in SPLITS}
     return Problem(record, selection, refit, num_classes, images)
-
-
-def _candidates(
-    settings: SolverSettings,
-    fit: Fit,
-    targets: torch.Tensor,
-    device: torch.device,
-    progress: bool,
-) -> Iterator[tuple[dict, dict[str, torch.Tensor] | str]]:
-    """``(hyperparameters, predictions or an error message)`` for every grid point."""
-    if settings.method == "boosting":
-        path = boosting_path(
-            fit.kernel,
-            targets,
-            fit.evals,
-            batch_size=settings.batch_size,
-            steps=settings.steps,
-            eta_ts=settings.eta_t,
-            seed=settings.seed,
-            progress=progress,
-        )
-        for step, scores in path:
-            for eta_t, score in zip(settings.eta_t, scores, strict=True):
-                yield {"step": step, "eta_t": eta_t}, score
-        return
-    kernel = torch.from_numpy(np.array(fit.kernel, dtype=np.float64)).to(device)
-    if settings.method == "flow":
-        for eta_t, score in flow_path(kernel, targets, fit.evals, settings.eta_t):
-            yield {"eta_t": eta_t}, score
-    else:
-        for lam, score in ridge_path(kernel, targets, fit.evals, settings.lambdas):
-            yield {"lambda": lam}, score
 
 
 def _key(params: dict) -> tuple:
@@ -289,7 +240,8 @@ def _run_grid(
     started = time.perf_counter()
     points: dict[tuple, dict] = {}
     kept: dict[str, NDArray] = {}
-    for params, scores in _candidates(settings, fit, targets, device, progress):
+    candidates = resolve(SOLVERS.lookup(settings.method).candidates)
+    for params, scores in candidates(settings, fit, targets, device, progress):
         if isinstance(scores, str):
             log.warning("%s: %s", params, scores)
             points[_key(params)] = {**params, "error": scores}
@@ -301,6 +253,75 @@ def _run_grid(
             kept = {split: scores[split].float().cpu().numpy() for split in fit.evals}
     del targets
     return points, kept
+
+
+def _select(
+    settings: SolverSettings, problem: Problem, device: torch.device, progress: bool
+) -> tuple[dict[tuple, dict], dict[str, NDArray], dict]:
+    """The grid fitted on the train rows and scored on val; the best on val."""
+    best: dict = {}
+
+    def better_on_val(params: dict, acc: dict[str, float]) -> bool:
+        if best and acc["val"] <= best["accuracy"]["val"]:
+            return False
+        best.update(params=params, accuracy=acc)
+        return True
+
+    points, kept = _run_grid(
+        settings, problem.selection, problem.num_classes, device, progress, better_on_val
+    )
+    if not best:
+        first_error = next(iter(points.values())).get("error", "")
+        raise NeuralKernelsError(
+            f"every grid point of the {settings.method} solver failed ({first_error}); "
+            "widen the grid (larger lambdas) or use the flow"
+        )
+    return points, kept, best
+
+
+def _refit(
+    settings: SolverSettings, problem: Problem, device: torch.device, progress: bool, best: dict
+) -> tuple[dict[tuple, dict], dict[str, NDArray]]:
+    """The grid refit on train + val and scored on test; the selected point's scores."""
+    selected_key = _key(best["params"])
+    points, kept = _run_grid(
+        settings,
+        problem.refit,
+        problem.num_classes,
+        device,
+        progress,
+        lambda params, acc: _key(params) == selected_key,
+    )
+    if "error" in points[selected_key]:
+        raise NeuralKernelsError(
+            f"the selected {best['params']} fails on train + val "
+            f"({points[selected_key]['error']}); widen the grid (larger lambdas) or "
+            "use the flow"
+        )
+    return points, kept
+
+
+def _merged_grid(selection: dict[tuple, dict], refit: dict[tuple, dict] | None) -> list[dict]:
+    """Every grid point: val from the selection fit, train and test from the refit."""
+    grid = []
+    for key, point in selection.items():
+        if refit is not None:
+            again = refit[key]
+            if "error" in point or "error" in again:
+                point = {**point, "error": point.get("error") or f"refit: {again['error']}"}
+                point.pop("accuracy", None)
+            else:
+                point = {
+                    **point,
+                    "accuracy": {
+                        "train": again["accuracy"]["train"],
+                        "val": point["accuracy"]["val"],
+                        "test": again["accuracy"]["test"],
+                    },
+                    "seconds": point["seconds"] + again["seconds"],
+                }
+        grid.append(point)
+    return grid
 
 
 def solve_files(
@@ -319,63 +340,39 @@ def solve_files(
     run_device = resolve_device(device, stage=f"solve ({settings.method})")
     reset_peak_memory(run_device)
     loaded = time.perf_counter()
-
-    best: dict = {}
-
-    def better_on_val(params: dict, acc: dict[str, float]) -> bool:
-        if best and acc["val"] <= best["accuracy"]["val"]:
-            return False
-        best.update(params=params, accuracy=acc)
-        return True
-
-    selection, kept = _run_grid(
-        settings, problem.selection, problem.num_classes, run_device, progress, better_on_val
-    )
-    if not best:
-        first_error = next(iter(selection.values())).get("error", "")
-        raise NeuralKernelsError(
-            f"every grid point of the {settings.method} solver failed ({first_error}); "
-            "widen the grid (larger lambdas) or use the flow"
-        )
-    selected_key = _key(best["params"])
+    selection, kept, best = _select(settings, problem, run_device, progress)
     selection_seconds = time.perf_counter() - loaded
-    refit_points: dict[tuple, dict] = {}
+    refit_points = None
     if problem.refit is not None:
-        refit_points, refit_kept = _run_grid(
-            settings,
-            problem.refit,
-            problem.num_classes,
-            run_device,
-            progress,
-            lambda params, acc: _key(params) == selected_key,
-        )
-        if "error" in refit_points[selected_key]:
-            raise NeuralKernelsError(
-                f"the selected {best['params']} fails on train + val "
-                f"({refit_points[selected_key]['error']}); widen the grid (larger lambdas) or "
-                "use the flow"
-            )
+        refit_points, refit_kept = _refit(settings, problem, run_device, progress, best)
         kept["test"] = refit_kept["test"]
-    refit_seconds = time.perf_counter() - loaded - selection_seconds
+    seconds = {
+        "load": loaded - started,
+        "selection": selection_seconds,
+        "refit": time.perf_counter() - loaded - selection_seconds,
+    }
+    grid = _merged_grid(selection, refit_points)
+    result = _record(settings, problem, grid, _key(best["params"]), kernel_dir, run_device)
+    result["seconds"] = seconds | {
+        "solve": time.perf_counter() - loaded,
+        "total": time.perf_counter() - started,
+    }
+    result |= peak_memory_mb(run_device)
+    headline = problem.refit or problem.selection
+    eval_labels = {**problem.selection.eval_labels, **headline.eval_labels}
+    _write_outputs(Path(out_dir), kept, eval_labels, result)
+    return result
 
-    grid = []
-    for key, point in selection.items():
-        if problem.refit is not None:
-            again = refit_points[key]
-            if "error" in point or "error" in again:
-                point = {**point, "error": point.get("error") or f"refit: {again['error']}"}
-                point.pop("accuracy", None)
-            else:
-                point = {
-                    **point,
-                    "accuracy": {
-                        "train": again["accuracy"]["train"],
-                        "val": point["accuracy"]["val"],
-                        "test": again["accuracy"]["test"],
-                    },
-                    "seconds": point["seconds"] + again["seconds"],
-                }
-        grid.append(point)
+
+def _record(
+    settings: SolverSettings,
+    problem: Problem,
+    grid: list[dict],
+    selected_key: tuple,
+    kernel_dir: Path,
+    device: torch.device,
+) -> dict:
+    """metrics.json but for the timings and memory (see the module docstring)."""
     scored = [point for point in grid if "accuracy" in point]
     selected = next(point for point in scored if _key(_params(point)) == selected_key)
     best_on_test = max(scored, key=lambda point: point["accuracy"]["test"])
@@ -383,14 +380,12 @@ def solve_files(
     fitted_rows = {"selection": len(problem.selection.labels)}
     if problem.refit is not None:
         fitted_rows["refit"] = len(problem.refit.labels)
-    result = {
+    kernel_keys = ("method", "arch", "activation", "gamma", "flips", "features")
+    return {
         "method": settings.method,
         "settings": settings.describe(),
         "kernel_dir": str(kernel_dir),
-        "kernel": {
-            key: problem.record.get(key)
-            for key in ("method", "arch", "activation", "gamma", "flips", "features")
-        },
+        "kernel": {key: problem.record.get(key) for key in kernel_keys},
         "targets": TARGETS,
         "num_classes": problem.num_classes,
         "sizes": problem.sizes,
@@ -403,10 +398,7 @@ def solve_files(
         },
         "fitted_rows": fitted_rows,
         "grid": grid,
-        "selected": {
-            **selected,
-            "rule": "best validation accuracy; ties to the most regularised candidate",
-        },
+        "selected": {**selected, "rule": SELECTION_RULE},
         "test_accuracy": selected["accuracy"]["test"],
         "best_on_test": {
             **best_on_test,
@@ -414,18 +406,15 @@ def solve_files(
             "implementation of Shankar et al. 2020 selected, after fitting on "
             + " + ".join(headline.splits),
         },
-        "device": device_name(run_device),
-        "seconds": {
-            "load": loaded - started,
-            "selection": selection_seconds,
-            "refit": refit_seconds,
-            "solve": time.perf_counter() - loaded,
-            "total": time.perf_counter() - started,
-        },
-        **peak_memory_mb(run_device),
+        "device": device_name(device),
     }
-    eval_labels = {**problem.selection.eval_labels, **headline.eval_labels}
-    with staged_directory(Path(out_dir), last=METRICS) as stage:
+
+
+def _write_outputs(
+    out_dir: Path, kept: dict[str, NDArray], eval_labels: dict[str, NDArray], result: dict
+) -> None:
+    """predictions.npz and metrics.json (last), all or nothing."""
+    with staged_directory(out_dir, last=METRICS) as stage:
         np.savez(
             stage / PREDICTIONS,
             **{f"{split}_scores": kept[split] for split in kept},
@@ -433,7 +422,6 @@ def solve_files(
             **{f"{split}_labels": eval_labels[split] for split in kept},
         )
         write_json(stage / METRICS, result)
-    return result
 
 
 def _params(point: dict) -> dict:

@@ -1,0 +1,138 @@
+"""Where every stage's outputs live: the one place that spells a path of ``results/``.
+
+Torch-free: the workflow's rules and target lists (``workflow/rules/common.smk``) and
+the report ask these functions; nothing else builds a results path. Every function's
+arguments default to the Snakemake wildcard of the same name, so a rule's pattern is
+the call without arguments (``kernel_dir()`` is
+``results/kernels/{dataset}/{view}/{kernel}``) and a target is the call with values.
+
+A *view* of a dataset is ``full`` (the whole training split) or a class-balanced
+subset ``n<size>-seed<seed>`` (:func:`subset_view`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from neural_kernels.data.prepared import META as DATA_META
+from neural_kernels.data.prepared import SPLITS, split_files
+from neural_kernels.kernels.layout import KERNEL_META, eval_splits, kernel_files, shard_files
+
+__all__ = ["DATA_META", "KERNEL_META", "eval_splits", "kernel_files", "shard_files"]
+
+RESULTS = "results"
+RESOURCES = "resources"
+FULL_VIEW = "full"
+#: A subset view's name, as a regular expression (a wildcard constraint).
+SUBSET_VIEW = r"n\d+-seed\d+"
+ZCA_META = "zca.json"
+ZCA_TRANSFORM = "transform.npz"
+SOLVE_METRICS = "metrics.json"
+SOLVE_PREDICTIONS = "predictions.npz"
+NETWORK_METRICS = "metrics.json"
+NETWORK_MODEL = "model.pt"
+#: The files of a solve and of a trained network, the record (written last) last.
+SOLVE_FILES = (SOLVE_PREDICTIONS, SOLVE_METRICS)
+NETWORK_FILES = (NETWORK_MODEL, NETWORK_METRICS)
+
+
+def zca_files() -> list[str]:
+    """The files of a ZCA directory: the whitened splits, the transform, zca.json last."""
+    return [*(split_files(split)[0] for split in SPLITS), ZCA_TRANSFORM, ZCA_META]
+
+
+def subset_view(size: int | str = "{size}", seed: int | str = "{seed}") -> str:
+    """The view name of the subset of ``size`` images drawn with ``seed``."""
+    return f"n{size}-seed{seed}"
+
+
+def subset_of(view: str) -> tuple[int, int] | None:
+    """``(size, seed)`` of a subset view; ``None`` for the full view."""
+    match = re.fullmatch(r"n(\d+)-seed(\d+)", view)
+    if match is None:
+        if view != FULL_VIEW:
+            raise ValueError(f"{view!r} is neither {FULL_VIEW!r} nor a subset n<size>-seed<seed>")
+        return None
+    return int(match[1]), int(match[2])
+
+
+def fits_val(view: str) -> bool:
+    """Whether a view's kernel fits the val rows (full: yes, for the refit; subsets: no)."""
+    return subset_of(view) is None
+
+
+def in_results(path: str) -> str:
+    """``path`` relative to ``results/`` (the report reads a results tree wherever it
+    was copied to): ``in_results(kernel_dir("*", "*", "*"))`` is a glob pattern."""
+    return path.removeprefix(f"{RESULTS}/")
+
+
+def files(directory: str, names: Iterable[str]) -> list[str]:
+    """``directory/name`` for every name."""
+    return [f"{directory}/{name}" for name in names]
+
+
+def archive_file(dataset: str = "{dataset}", filename: str = "{archive}") -> str:
+    """A downloaded archive: ``resources/<dataset>/<its official file name>``."""
+    return f"{RESOURCES}/{dataset}/{filename}"
+
+
+def data_dir(dataset: str = "{dataset}") -> str:
+    """A prepared dataset (see :mod:`neural_kernels.data.prepared`)."""
+    return f"{RESULTS}/data/{dataset}"
+
+
+def subset_dir(dataset: str = "{dataset}", view: str = "{view}") -> str:
+    """A class-balanced subset of a prepared dataset's train split."""
+    return f"{data_dir(dataset)}/subsets/{view}"
+
+
+def zca_dir(dataset: str = "{dataset}") -> str:
+    """The whitened splits, ``transform.npz`` and ``zca.json`` of a dataset."""
+    return f"{RESULTS}/zca/{dataset}"
+
+
+def kernel_dir(dataset: str = "{dataset}", view: str = "{view}", kernel: str = "{kernel}") -> str:
+    """A kernel's blocks and ``kernel.json`` (see :mod:`neural_kernels.kernels.stage`)."""
+    return f"{RESULTS}/kernels/{dataset}/{view}/{kernel}"
+
+
+def shard_dir(
+    dataset: str = "{dataset}",
+    view: str = "{view}",
+    kernel: str = "{kernel}",
+    shard: int | str = "{shard}",
+) -> str:
+    """One shard of an estimated kernel (raw sums; removed once merged)."""
+    return f"{kernel_dir(dataset, view, kernel)}/shards/{shard}"
+
+
+def solve_dir(
+    dataset: str = "{dataset}",
+    view: str = "{view}",
+    kernel: str = "{kernel}",
+    solver: str = "{solver}",
+) -> str:
+    """One solver's ``predictions.npz`` and ``metrics.json`` on one kernel."""
+    return f"{RESULTS}/solve/{dataset}/{view}/{kernel}/{solver}"
+
+
+def network_dir(dataset: str = "{dataset}", network: str = "{network}") -> str:
+    """A trained network's ``model.pt`` and ``metrics.json``."""
+    return f"{RESULTS}/networks/{dataset}/{network}"
+
+
+def log_file(rule: str, job: str) -> str:
+    """The log of one job of ``rule`` (``job``: its wildcards joined by ``/``)."""
+    return f"{RESULTS}/logs/{rule}/{job}.log"
+
+
+def script_benchmark(name: str = "*") -> str:
+    """The JSON a script of ``benchmarks/`` writes by default (the report reads them)."""
+    return f"{RESULTS}/benchmarks/{name}.json"
+
+
+def benchmark_file(rule: str, job: str) -> str:
+    """Snakemake's benchmark record of one job of ``rule`` (the report reads these)."""
+    return f"{RESULTS}/benchmarks/{rule}/{job}.tsv"

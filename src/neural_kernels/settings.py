@@ -1,0 +1,522 @@
+"""Every stage's settings, each choice defined once: default, allowed values, help.
+
+A stage's settings are one frozen dataclass; each field is a :func:`setting` whose
+metadata carries its help text and, where the values are a closed set, its choices
+(a tuple, or a :class:`Registry`'s names). The command-line interface derives its
+options from these fields (:func:`add_arguments`, :func:`from_arguments`), and
+``tests/test_settings.py`` checks the workflow's schema
+(``workflow/schemas/config.schema.yaml``) against them, so none of them can drift.
+
+Torch-free on purpose: the CLI builds every subcommand's options from these classes,
+and a job that needs no torch (prepare, subset, report) should not pay for importing
+it (6.5 s on a 2-core machine). The registries of things implemented with torch
+(activations, solvers) are read lazily, by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import math
+import shlex
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from neural_kernels.errors import NeuralKernelsError
+
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+
+
+class Registry(dict):
+    """A table of named implementations (architectures, activations, solvers, sources).
+
+    Adding one is one entry (:meth:`register`); the CLI's choices, the schema check and
+    the report read the names from here.
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def register(self, name: str, value: Any) -> Any:
+        """Add ``value`` under ``name`` (an error if the name is taken); returns it."""
+        if name in self:
+            raise NeuralKernelsError(f"{self.kind} {name!r} is already registered")
+        self[name] = value
+        return value
+
+    def lookup(self, name: str) -> Any:
+        """The entry ``name``, or an error that lists the registered names."""
+        if name not in self:
+            raise NeuralKernelsError(f"unknown {self.kind} {name!r}; choose one of {names(self)}")
+        return self[name]
+
+
+def names(registry: Sequence[str] | dict) -> str:
+    """``'a, b, c'``: the names a registry (or tuple of choices) accepts."""
+    return ", ".join(registry)
+
+
+class LazyChoices:
+    """The names of a registry in a module imported on first use (``"module:NAME"``).
+
+    argparse only tests membership when the option is given and lists the names in
+    help, so building a parser does not import the module (nor torch).
+    """
+
+    def __init__(self, where: str, *, first: tuple[str, ...] = ()):
+        self.where, self.first = where, first
+
+    def _names(self) -> list[str]:
+        return [*self.first, *resolve(self.where)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+Choices = tuple[str, ...] | LazyChoices
+
+
+def resolve(target: Any) -> Any:
+    """``"package.module:NAME"`` -> that object (imported now); anything else as is.
+
+    Registries name implementations that import torch this way, so that reading a
+    registry's names stays cheap.
+    """
+    if not isinstance(target, str):
+        return target
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices: Choices | None = None,
+    parse: Callable[[str], Any] | None = None,
+    minimum: float | None = None,
+    many: bool = False,
+) -> Any:
+    """A settings field: its default, help text, allowed values and command-line parse.
+
+    ``minimum``: the smallest allowed value (checked by :func:`check`); ``many``: the
+    option takes one or more values (a tuple). A field without a default is required.
+    """
+    metadata = {"help": help, "choices": choices, "parse": parse, "minimum": minimum}
+    metadata["many"] = many
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check(settings: object) -> None:
+    """Check every field against its choices and minimum; one clear error otherwise."""
+    kind = type(settings).__name__
+    for field in dataclasses.fields(settings):
+        value, meta = getattr(settings, field.name), field.metadata
+        values = value if meta.get("many") else (value,)
+        choices = meta.get("choices")
+        if choices is not None and value is not None and value not in choices:
+            raise NeuralKernelsError(
+                f"{kind}: unknown {field.name} {value!r}; choose one of {names(choices)}"
+            )
+        minimum = meta.get("minimum")
+        for item in values:
+            if minimum is None or item is None:
+                continue
+            if not (isinstance(item, int | float) and math.isfinite(item) and item >= minimum):
+                raise NeuralKernelsError(
+                    f"{kind}: {field.name} must be at least {minimum} (and finite), got {item!r}"
+                )
+
+
+class Checked:
+    """A settings class whose fields are checked (:func:`check`) when it is made."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not strictly between 0 and 1")
+    return value
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: Sequence[str] = (),
+) -> None:
+    """Add one ``--option`` per field of the settings class ``cls`` (but ``skip``).
+
+    Booleans become flags; a field without a default is required; the option's default
+    is the field's, shown in its help.
+    """
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        meta, flag = field.metadata, "--" + field.name.replace("_", "-")
+        required = field.default is dataclasses.MISSING
+        default = None if required else field.default
+        shown = "" if required or default in (None, (), False) else f" (default {default})"
+        help_text = meta.get("help", "") + shown
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        parse = meta.get("parse") or (type(default) if default not in (None, ()) else str)
+        choices, metavar = meta.get("choices"), None
+        if isinstance(choices, LazyChoices):
+            # argparse lists choices in the metavar when it builds the parser; a named
+            # metavar and %(choices)s (expanded when help is shown) keep that lazy
+            metavar, help_text = field.name.upper(), f"{help_text}: %(choices)s"
+        parser.add_argument(
+            flag,
+            type=parse,
+            default=default,
+            required=required,
+            choices=choices,
+            metavar=metavar,
+            nargs="+" if meta.get("many") else None,
+            help=help_text,
+        )
+
+
+def command_line(cls: type, values: dict) -> str:
+    """The options :func:`add_arguments` declares for ``cls``, for the ``values`` of
+    its fields that are given and not ``None`` (a config entry): how the workflow
+    passes a config's settings to the CLI."""
+    options = []
+    for field in dataclasses.fields(cls):
+        value = values.get(field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if value is None or value is False or (field.metadata.get("many") and not value):
+            continue
+        if value is True:
+            options.append(flag)
+        elif field.metadata.get("many"):
+            options.append(f"{flag} {' '.join(shlex.quote(str(v)) for v in value)}")
+        else:
+            options.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(options)
+
+
+def from_arguments(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """An instance of ``cls`` from the parsed options (``given`` fields override)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("many") and values.get(field.name) is not None:
+            values[field.name] = tuple(values[field.name])
+    return cls(**values, **given)
+
+
+def replace_none(settings: Any, **defaults: Any) -> Any:
+    """``settings`` with each named field that is ``None`` set to its default."""
+    missing = {k: v for k, v in defaults.items() if getattr(settings, k) is None}
+    return dataclasses.replace(settings, **missing) if missing else settings
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadSettings(Checked):
+    """How hard ``download`` tries before giving up."""
+
+    retries: int = setting(
+        3, "extra attempts after a transient failure (HTTP 5xx/429/408, network error)", minimum=0
+    )
+    timeout: float = setting(60.0, "socket timeout in seconds", minimum=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareSettings(Checked):
+    """How a source's images are split into train, val and test."""
+
+    val_fraction: float = setting(
+        0.1, "share of the training data held out (seeded, class-stratified) for validation",
+        parse=fraction,
+    )  # fmt: skip
+    test_fraction: float | None = setting(
+        None,
+        "share held out as test when the source has no official test split "
+        "(default: the source's own, 0.1 for imagenet_r, the thesis's 9:1, else 0.2)",
+        parse=fraction,
+    )
+    seed: int = setting(0, "seed of the validation and test hold-outs", minimum=0)
+    image_size: int = setting(
+        224, "imagenet_r: resize images to this square size", parse=positive_int, minimum=8
+    )
+
+
+# ------------------------------------------------------------------------------- ZCA
+
+ZCA_VARIANTS = ("thesis", "shankar")
+ZCA_SOLVERS = ("exact", "randomized", "auto")
+ZCA_DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZcaSettings(Checked):
+    """ZCA whitening: which variant, which solver, and their parameters.
+
+    ``thesis``: ``(x - mean) V diag(sqrt(N-1) / (D + eps)) V^T``; ``shankar``: per-image
+    centring and unit norm, then ``x (C + eps I)^(-1/2)``.
+    """
+
+    variant: str = setting(
+        "thesis", "thesis or shankar (Shankar et al. 2020)", choices=ZCA_VARIANTS
+    )
+    solver: str = setting(
+        "auto", "auto: exact up to 4096 features, randomized above", choices=ZCA_SOLVERS
+    )
+    rank: int | None = setting(
+        None, "k components (default min(N, P); randomized: needed)", parse=positive_int, minimum=1
+    )
+    eps: float | None = setting(
+        None,
+        "thesis: added to singular values (default 0.1); shankar: eigenvalue bias (1e-5)",
+        parse=float,
+        minimum=0,
+    )
+    oversample: int = setting(10, "randomized: extra columns of the test matrix", minimum=0)
+    power_iters: int = setting(4, "randomized: power iterations", minimum=0)
+    flips: bool = setting(False, "fit on the images and their horizontal flips")
+    seed: int = setting(0, "randomized: seed of the test matrix", minimum=0)
+    dtype: str = setting(
+        "float32",
+        "working precision of the streamed products (exact eigendecomposition: float64)",
+        choices=ZCA_DTYPES,
+    )
+
+    def fit_options(self) -> dict:
+        """The fit's own options (what zca.json records as ``options``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "dtype"}
+
+
+# --------------------------------------------------------------------------- kernels
+
+KERNEL_METHODS = ("analytic", "estimate")
+ANALYTIC_PRECISIONS = ("float64", "mixed", "float32")
+ESTIMATE_PRECISIONS = ("float32", "tf32", "bf16")
+ARCHITECTURE_NAMES = LazyChoices("neural_kernels.catalog:MYRTLE_STAGES")
+ACTIVATION_NAMES = LazyChoices("neural_kernels.architectures:ACTIVATIONS")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec(Checked):
+    """Which kernel: the architecture, its nonlinearity, and flip augmentation."""
+
+    arch: str = setting(
+        help="the architecture (neural_kernels.catalog)", choices=ARCHITECTURE_NAMES
+    )
+    activation: str = setting("relu", "the nonlinearity", choices=ACTIVATION_NAMES)
+    gamma: float = setting(1.0, "gaussian: exp(gamma (r - 1))", minimum=0)
+    flips: bool = setting(
+        False, "append the horizontal mirrors of the fitted images, doubling them"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.gamma > 0:
+            raise NeuralKernelsError(f"gamma must be positive, got {self.gamma}")
+        super().__post_init__()
+
+    def network(self) -> Any:
+        """The :class:`~neural_kernels.architectures.Serial` network (imports torch)."""
+        from neural_kernels.architectures import myrtle
+
+        return myrtle(self.arch, self.activation, self.gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyticSettings(Checked):
+    """How the exact kernel is computed (the result does not depend on it)."""
+
+    block_size: int | None = setting(
+        None,
+        "images per block side (default: sized to the CPU cache or GPU memory)",
+        parse=positive_int,
+        minimum=1,
+    )
+    precision: str = setting(
+        "float64",
+        "float64, mixed (float64 after the last 2x2 pool, as Shankar et al.) or float32",
+        choices=ANALYTIC_PRECISIONS,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateSettings(Checked):
+    """How many random networks, how wide, and how they are computed."""
+
+    width: int = setting(64, "channels of each random network", parse=positive_int, minimum=1)
+    networks: int = setting(
+        64, "random networks (features = networks x width)", parse=positive_int, minimum=1
+    )
+    chunk_networks: int = setting(
+        16,
+        "networks drawn and run together (the unit of seeding and sharding)",
+        parse=positive_int,
+        minimum=1,
+    )
+    batch_size: int = setting(256, "images per forward pass", parse=positive_int, minimum=1)
+    precision: str = setting(
+        "float32",
+        "float32, tf32 or bf16 features (products accumulated in float64)",
+        choices=ESTIMATE_PRECISIONS,
+    )
+    seed: int = setting(0, "seed of the random networks", minimum=0)
+    tile_rows: int = setting(2048, "rows per Gram tile", parse=positive_int, minimum=1)
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(self.networks / self.chunk_networks)
+
+    @property
+    def features(self) -> int:
+        return self.networks * self.width
+
+    def shard_chunks(self, shard: int, shards: int) -> range:
+        """The chunk indices of shard ``shard`` (0-based) out of ``shards``."""
+        if not 1 <= shards <= self.chunks:
+            raise NeuralKernelsError(
+                f"{shards} shards cannot split {self.chunks} chunks of {self.chunk_networks} "
+                f"networks; use 1..{self.chunks} shards or smaller chunk_networks"
+            )
+        if not 0 <= shard < shards:
+            raise NeuralKernelsError(f"shard index {shard} is not in 0..{shards - 1}")
+        return range(shard * self.chunks // shards, (shard + 1) * self.chunks // shards)
+
+    def chunk_networks_at(self, chunk: int) -> int:
+        return min(self.chunk_networks, self.networks - chunk * self.chunk_networks)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- solvers
+
+SOLVER_NAMES = LazyChoices("neural_kernels.solvers.registry:SOLVERS")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSettings:
+    """A solver and its hyperparameter grid (empty grid: the solver's default grid).
+
+    ``eta_t``: flow and boosting (the per-batch flow); ``lambdas``: ridge;
+    ``batch_size`` (``M``), ``steps`` and ``seed`` (of the batch shuffles): boosting.
+    The grids are sorted from the most regularised candidate (see the tie rule of
+    :mod:`neural_kernels.solvers.stage`).
+    """
+
+    method: str = setting(help="the solver (neural_kernels.solvers.registry)", choices=SOLVER_NAMES)
+    eta_t: tuple[float, ...] = setting(
+        (), "flow/boosting: eta t grid (default: the solver's)", parse=float, many=True
+    )
+    lambdas: tuple[float, ...] = setting(
+        (), "ridge: lambda grid (default: the solver's)", parse=float, many=True
+    )
+    batch_size: int = setting(256, "boosting: batch size M", parse=positive_int, minimum=1)
+    steps: int = setting(20, "boosting: number of steps", parse=positive_int, minimum=1)
+    seed: int = setting(0, "boosting: seed of the batch shuffles", minimum=0)
+
+    def __post_init__(self) -> None:
+        from neural_kernels.solvers.registry import SOLVERS
+
+        solver = SOLVERS.lookup(self.method)
+        eta_t = sorted(float(v) for v in self.eta_t or solver.default_eta_t)
+        lambdas = sorted((float(v) for v in self.lambdas or solver.default_lambdas), reverse=True)
+        object.__setattr__(self, "eta_t", tuple(eta_t))
+        object.__setattr__(self, "lambdas", tuple(lambdas))
+        grid = getattr(self, solver.grid)
+        if not grid or min(grid) <= 0 or not all(map(math.isfinite, grid)):
+            raise NeuralKernelsError(
+                f"{solver.grid} must be positive finite numbers, got {list(grid)}"
+            )
+        if self.batch_size < 1 or self.steps < 1 or self.seed < 0:
+            raise NeuralKernelsError("batch_size and steps must be >= 1 and seed >= 0")
+
+    def describe(self) -> dict:
+        """The settings that matter for this method (what metrics.json records)."""
+        from neural_kernels.solvers.registry import SOLVERS
+
+        keys = ("method", *SOLVERS[self.method].settings)
+        return {key: getattr(self, key) for key in keys}
+
+
+# -------------------------------------------------------------------------- networks
+
+SCHEDULES = ("cosine", "step")
+MODEL_NAMES = LazyChoices("neural_kernels.catalog:MYRTLE_STAGES", first=("resnet18",))
+#: Peak learning rates unless told. The Myrtle networks end with the finite layer of
+#: the kernels' final projection, whose unit-RMS scaling makes them insensitive to the
+#: scale of their convolutions: on digits (width 64, 20 epochs) lr 0.1 does not train
+#: them (the loss stays at ln 10), 0.05 gives 97% and 0.02 99% test accuracy.
+DEFAULT_LR = {"resnet18": 0.1}
+DEFAULT_MYRTLE_LR = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings(Checked):
+    """Everything that defines a training run (and keys its resume checkpoint).
+
+    ``width``, ``activation`` and ``gamma`` concern the Myrtle networks only. ``lr`` is
+    the peak learning rate of a per-step schedule: ``cosine`` decays it to zero,
+    ``step`` multiplies it by 0.1 at 50% and 75% of the steps. ``lr=None`` takes the
+    model's :data:`DEFAULT_LR`.
+    """
+
+    model: str = setting("resnet18", "resnet18 or a finite Myrtle network", choices=MODEL_NAMES)
+    width: int = setting(64, "myrtle: channels", parse=positive_int, minimum=1)
+    activation: str = setting("relu", "myrtle: the nonlinearity", choices=ACTIVATION_NAMES)
+    gamma: float = setting(1.0, "myrtle, gaussian: exp(gamma (r - 1))", minimum=0)
+    epochs: int = setting(30, "passes over the training set", parse=positive_int, minimum=1)
+    batch_size: int = setting(128, "images per SGD step", parse=positive_int, minimum=1)
+    lr: float | None = setting(
+        None, "peak learning rate (default 0.1; Myrtle networks 0.02)", parse=float, minimum=0
+    )
+    momentum: float = setting(0.9, "SGD momentum", minimum=0)
+    weight_decay: float = setting(5e-4, "SGD weight decay", minimum=0)
+    schedule: str = setting(
+        "cosine",
+        "per step: cosine to zero, or step (x0.1 at 50%% and 75%%)",
+        choices=SCHEDULES,
+    )
+    crop: int | None = setting(
+        None,
+        "train on random CROP x CROP windows, evaluate on the centre one",
+        parse=positive_int,
+        minimum=1,
+    )
+    flip: bool = setting(False, "random horizontal flips in training")
+    seed: int = setting(0, "seed of the weights, data order and augmentation", minimum=0)
+    deterministic: bool = setting(
+        False, "torch.use_deterministic_algorithms(True): bit-for-bit reruns (slower on GPUs)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR.get(self.model, DEFAULT_MYRTLE_LR))
+        if not self.lr > 0 or not self.gamma > 0:
+            raise NeuralKernelsError("lr and gamma must be positive")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
