@@ -49,13 +49,14 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.
 def dry_run_jobs(stdout: str) -> list[dict]:
     """The jobs of a dry run: rule, wildcards, threads and resources of each.
 
-    A ``<rule>_subset`` job (the same rule with a subset's output layout, made by
-    ``use rule ... with:``) is counted as ``<rule>``.
+    A ``<rule>_subset`` or ``<rule>_crops`` job (the same rule with a subset's, or a
+    crop-augmented kernel's, output layout, made by ``use rule ... with:``) is counted
+    as ``<rule>``.
     """
     jobs: list[dict] = []
     for line in stdout.splitlines():
         if match := re.fullmatch(r"(?:local)?rule (\w+):", line):
-            rule = match.group(1).removesuffix("_subset")
+            rule = match.group(1).removesuffix("_subset").removesuffix("_crops")
             jobs.append({"rule": rule, "wildcards": {}, "threads": 1, "resources": {}})
         elif jobs and (match := re.fullmatch(r"    (wildcards|resources|threads): (.*)", line)):
             key, value = match.groups()
@@ -232,15 +233,17 @@ def test_thesis_config_sizes_shards_to_the_gpu_assumption():
             kernel = config["kernels"][kernel_name]
             if kernel["method"] != "estimate":
                 continue
-            side = sides.get(kernel["arch"], 32)
+            side = kernel["crop"] or sides.get(kernel["arch"], 32)
             flops, channels = 0, 3
             for index, convs in enumerate(MYRTLE_STAGES[kernel["arch"]]):
                 side //= 2 if index else 1
                 for _ in range(convs):
                     flops += 2 * side * side * 9 * channels * kernel["width"]
                     channels = kernel["width"]
-            n_train, n_eval = splits[name]
-            n_train *= 2 if kernel["flips"] else 1
+            images, n_eval = splits[name]
+            n_train = images * (2 if kernel["flips"] else 1) * kernel["copies"]
+            if kernel["crop"]:  # val's centre crops are scored as an eval block too
+                n_eval += round(config["datasets"][name]["val_fraction"] * images)
             chunk_features = kernel["chunk_networks"] * kernel["width"]
             budget = 0.75 * (79e9 - 3 * (n_train + n_eval) * chunk_features * 4)
             tiles = _row_tiles(n_train, n_eval, kernel["tile_rows"])
@@ -250,12 +253,13 @@ def test_thesis_config_sizes_shards_to_the_gpu_assumption():
             per_shard = hours[kernel_name] / kernel["shards"]
             assert 0.25 < per_shard < 4, (name, kernel_name, hours, kernel["shards"])
             # an activation tensor of one batch and chunk stays near 3.4 GB
-            side = sides.get(kernel["arch"], 32)
+            side = kernel["crop"] or sides.get(kernel["arch"], 32)
             activation = kernel["batch_size"] * chunk_features * 4 * side * side
             assert activation < 4e9, kernel_name
     # the numbers the config's comments and the README quote
     assert round(hours["myrtle10_estimate"], 1) == 1.2
-    assert round(hours["myrtle11_flips_estimate"]) == 20
+    assert round(hours["myrtle11_crop56_flips_estimate"]) == 16
+    assert round(hours["myrtle15_crop196_estimate"], 1) == 3.9
     assert round(hours["myrtle15_estimate"], 1) == 4.7
 
 

@@ -294,12 +294,14 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
     from neural_kernels.device import device_name, resolve_device
     from neural_kernels.kernels.analytic import analytic_kernel
     from neural_kernels.kernels.estimate import estimate_kernel
-    from neural_kernels.kernels.stage import ImageRows
+    from neural_kernels.kernels.stage import ImageRows, crop_maker
     from neural_kernels.outputs import staged_directory
 
     spec, settings = from_arguments(KernelSpec, args), _method_settings(args)
-    images = ImageRows(args.images, flips=spec.flips)
-    images2 = None if args.images2 is None else ImageRows(args.images2)
+    images = ImageRows(args.images, flips=spec.flips, crop=crop_maker(spec, "train", args.images))
+    images2 = None
+    if args.images2 is not None:
+        images2 = ImageRows(args.images2, crop=crop_maker(spec, None, args.images2))
     if images2 is not None and images2.shape[1:] != images.shape[1:]:
         raise NeuralKernelsError(
             f"--images2 has images of shape {images2.shape[1:]}, --images {images.shape[1:]}"

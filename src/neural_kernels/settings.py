@@ -332,11 +332,28 @@ class KernelSpec(Checked):
     flips: bool = setting(
         False, "append the horizontal mirrors of the fitted images, doubling them"
     )
+    crop: int | None = setting(
+        None,
+        "augment by crops: COPIES random CROP x CROP windows of every fitted image (drawn "
+        "once from CROP_SEED), the centre window of every eval image",
+        parse=positive_int,
+        minimum=1,
+    )
+    copies: int = setting(
+        1, "random crops per fitted image (with crop)", parse=positive_int, minimum=1
+    )
+    crop_seed: int = setting(0, "seed of the random crops (with crop)", minimum=0)
 
     def __post_init__(self) -> None:
         if not self.gamma > 0:
             raise NeuralKernelsError(f"gamma must be positive, got {self.gamma}")
         super().__post_init__()
+
+    def crop_record(self) -> dict | None:
+        """What kernel.json records of the crops (``None`` without)."""
+        if self.crop is None:
+            return None
+        return {"size": self.crop, "copies": self.copies, "seed": self.crop_seed}
 
     def network(self) -> Any:
         """The :class:`~neural_kernels.architectures.Serial` network (imports torch)."""

@@ -50,10 +50,21 @@ CONDA_ENV = "../envs/neural_kernels.yaml"
 NO_MATCH = "(?!)"  # a wildcard constraint that matches nothing
 
 
-def methods(method):
-    """Constraint matching the names of the kernels computed by ``method``."""
-    names = [name for name, k in KERNELS.items() if k["method"] == method]
+def methods(method, crops=None):
+    """Constraint matching the names of the kernels computed by ``method`` (and, unless
+    ``crops`` is None, augmented by crops or not)."""
+    names = [
+        name
+        for name, k in KERNELS.items()
+        if k["method"] == method and crops in (None, has_crops(name))
+    ]
     return "|".join(names) or NO_MATCH
+
+
+def has_crops(kernel):
+    """Whether a kernel is augmented by crops (its full view then scores val's centre
+    crops as an eval block too)."""
+    return KERNELS[kernel]["crop"] is not None
 
 
 for _name, _cfg in DATASETS.items():
@@ -213,7 +224,8 @@ def kernel_args(wildcards, input):
     args = [f"--train '{input.train}'"]
     if fitted:
         args.append(f"--val '{input.val}'")
-    args += [f"--eval {split}='{input[split]}'" for split in layout.eval_splits(fitted)]
+    splits = layout.eval_splits(fitted, has_crops(wildcards.kernel))
+    args += [f"--eval {split}='{input[split]}'" for split in splits]
     if "indices" in input.keys():
         args.append(f"--train-indices '{input.indices}'")
     args += [command_line(KernelSpec, cfg), f"--device {cfg['device']}"]
@@ -250,7 +262,7 @@ def analytic_args(wildcards, input):
 def kernel_shard_files(wildcards):
     """Every file of every shard of an estimated kernel (all are the merge's inputs)."""
     cfg = KERNELS[wildcards.kernel]
-    names = shard_files(fits_val(wildcards.view))
+    names = shard_files(fits_val(wildcards.view), has_crops(wildcards.kernel))
     return [
         path
         for shard in range(cfg["shards"])
@@ -288,7 +300,8 @@ def solve_inputs(wildcards):
     """The kernel's blocks and kernel.json, and the labels (a subset's own train labels)."""
     kernel = layout.kernel_dir(wildcards.dataset, wildcards.view, wildcards.kernel)
     data = layout.data_dir(wildcards.dataset)
-    inputs = {"kernel": files(kernel, kernel_files(fits_val(wildcards.view)))}
+    blocks = kernel_files(fits_val(wildcards.view), has_crops(wildcards.kernel))
+    inputs = {"kernel": files(kernel, blocks)}
     inputs |= {f"{split}_labels": f"{data}/{split_files(split)[1]}" for split in SPLITS}
     if not fits_val(wildcards.view):
         subset = layout.subset_dir(wildcards.dataset, wildcards.view)

@@ -19,7 +19,7 @@ rule kernel_estimate_shard:
         benchmark_file("kernel_estimate_shard", "{dataset}/{view}/{kernel}/{shard}")
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("estimate"),
+        kernel=methods("estimate", crops=False),
     conda:
         CONDA_ENV
     threads: job_threads
@@ -54,7 +54,7 @@ rule kernel_merge:
         benchmark_file("kernel_merge", "{dataset}/{view}/{kernel}")
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("estimate"),
+        kernel=methods("estimate", crops=False),
     conda:
         CONDA_ENV
     threads: 1
@@ -88,7 +88,7 @@ rule kernel_analytic:
         benchmark_file("kernel_analytic", "{dataset}/{view}/{kernel}")
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("analytic"),
+        kernel=methods("analytic", crops=False),
     conda:
         CONDA_ENV
     threads: job_threads
@@ -110,3 +110,31 @@ use rule kernel_analytic as kernel_analytic_subset with:
     wildcard_constraints:
         view=SUBSET_VIEW,
         kernel=methods("analytic"),
+
+
+# A full split's kernel augmented by crops: the same rules, with val's centre crops as
+# an eval block too (the selection scores them; the fitted val rows are random crops).
+
+
+use rule kernel_estimate_shard as kernel_estimate_shard_crops with:
+    output:
+        temp(files(layout.shard_dir(), shard_files(fits_val=True, crops=True))),
+    wildcard_constraints:
+        view=FULL_VIEW,
+        kernel=methods("estimate", crops=True),
+
+
+use rule kernel_merge as kernel_merge_crops with:
+    output:
+        files(layout.kernel_dir(), kernel_files(fits_val=True, crops=True)),
+    wildcard_constraints:
+        view=FULL_VIEW,
+        kernel=methods("estimate", crops=True),
+
+
+use rule kernel_analytic as kernel_analytic_crops with:
+    output:
+        files(layout.kernel_dir(), kernel_files(fits_val=True, crops=True)),
+    wildcard_constraints:
+        view=FULL_VIEW,
+        kernel=methods("analytic", crops=True),

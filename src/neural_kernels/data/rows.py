@@ -1,13 +1,17 @@
-"""Row sources read lazily by contiguous slices: several image arrays stacked in order.
+"""Row sources read lazily by contiguous slices: several image arrays stacked in order,
+and the crops that augment a kernel's rows.
 
 The kernel stages stack the train rows and the validation rows into the one fitted
 set of the refit (train rows first), and ZCA is fitted on the same images; neither
-copies the arrays up front.
+copies the arrays up front. A kernel augmented by crops reads seeded random windows
+of its fitted images and the centre windows of its eval images (:class:`Crops`),
+window by window as the rows are read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -80,3 +84,57 @@ class StackedRows:
         if not pieces:
             return np.empty((0, *self.shape[1:]), self.dtype)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+@dataclass(frozen=True)
+class Crops:
+    """``size x size`` windows of ``count`` images, ``copies`` windows per image.
+
+    ``offsets[c, i]`` is the top-left corner ``(row, column)`` of copy ``c`` of image
+    ``i``: drawn once, uniformly over every window that fits, from ``seed`` and
+    ``stream`` (:func:`random_crops`), or the centre window (:func:`centre_crops`).
+    """
+
+    size: int
+    offsets: NDArray[np.int64]  # (copies, count, 2)
+
+    @property
+    def copies(self) -> int:
+        return self.offsets.shape[0]
+
+    def apply(self, images: NDArray, copy: int, first: int) -> NDArray:
+        """The windows of copy ``copy`` of images ``first, first + 1, ...`` (NHWC)."""
+        offsets = self.offsets[copy, first : first + len(images)]
+        windows = np.lib.stride_tricks.sliding_window_view(
+            images, (self.size, self.size), axis=(1, 2)
+        )  # (N, H - s + 1, W - s + 1, C, s, s), a view
+        picked = windows[np.arange(len(images)), offsets[:, 0], offsets[:, 1]]
+        return np.ascontiguousarray(picked.transpose(0, 2, 3, 1))
+
+
+def _check_crop(size: int, height: int, width: int, what: str) -> None:
+    if not 1 <= size <= min(height, width):
+        raise DataError(
+            f"crop {size}x{size} does not fit the {height}x{width} images of {what}; "
+            f"choose a crop of at most {min(height, width)}"
+        )
+
+
+def random_crops(
+    count: int, height: int, width: int, size: int, copies: int, seed: int, stream: int, what: str
+) -> Crops:
+    """``copies`` uniformly random ``size x size`` windows per image, from ``(seed, stream)``
+    (a split's own stream, so that train and val draw independently); reproducible."""
+    _check_crop(size, height, width, what)
+    rng = np.random.default_rng(np.random.SeedSequence((seed, stream)))
+    rows = rng.integers(0, height - size + 1, size=(copies, count))
+    cols = rng.integers(0, width - size + 1, size=(copies, count))
+    return Crops(size, np.stack([rows, cols], axis=-1).astype(np.int64))
+
+
+def centre_crops(count: int, height: int, width: int, size: int, what: str) -> Crops:
+    """The centre ``size x size`` window of every image (torchvision's CenterCrop:
+    top-left corner ``round((H - size) / 2)``, ``round((W - size) / 2)``)."""
+    _check_crop(size, height, width, what)
+    corner = [int(round((height - size) / 2.0)), int(round((width - size) / 2.0))]
+    return Crops(size, np.tile(np.asarray(corner, dtype=np.int64), (1, count, 1)))

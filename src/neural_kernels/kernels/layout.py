@@ -3,7 +3,9 @@ Snakefiles read these names to declare their outputs).
 
 A *full* split's kernel fits the validation rows too (one symmetric ``train.npy`` over
 train + val, which the solve stage selects on and then refits on): its eval blocks
-are ``test`` only. A *subset*'s kernel is not refit: ``val`` stays an eval block.
+are ``test`` only, and ``val`` too for a kernel augmented by crops (its fitted val rows
+are random windows; the selection scores the centre windows). A *subset*'s kernel is
+not refit: ``val`` stays an eval block.
 """
 
 from __future__ import annotations
@@ -12,19 +14,19 @@ KERNEL_META = "kernel.json"
 SHARD_META = "shard.json"
 
 
-def eval_splits(fits_val: bool) -> list[str]:
+def eval_splits(fits_val: bool, crops: bool = False) -> list[str]:
     """The splits scored against the fitted rows (separate ``<split>.npy`` blocks)."""
-    return ["test"] if fits_val else ["val", "test"]
+    return ["test"] if fits_val and not crops else ["val", "test"]
 
 
-def kernel_files(fits_val: bool) -> list[str]:
+def kernel_files(fits_val: bool, crops: bool = False) -> list[str]:
     """Every file of a kernel directory, ``kernel.json`` last."""
-    return ["train.npy", *(f"{split}.npy" for split in eval_splits(fits_val)), KERNEL_META]
+    blocks = (f"{split}.npy" for split in eval_splits(fits_val, crops))
+    return ["train.npy", *blocks, KERNEL_META]
 
 
-def shard_files(fits_val: bool) -> list[str]:
+def shard_files(fits_val: bool, crops: bool = False) -> list[str]:
     """Every file of an estimate shard directory (raw sums), ``shard.json`` last."""
-    blocks = [
-        f"{split}{suffix}.npy" for split in eval_splits(fits_val) for suffix in ("", "_sqnorm")
-    ]
+    splits = eval_splits(fits_val, crops)
+    blocks = [f"{split}{suffix}.npy" for split in splits for suffix in ("", "_sqnorm")]
     return ["train.npy", *blocks, SHARD_META]

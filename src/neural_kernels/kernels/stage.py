@@ -19,12 +19,14 @@ An estimate shard directory holds raw sums instead: ``train.npy``, ``<eval>.npy`
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +35,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from neural_kernels.architectures import Project, Serial, myrtle
-from neural_kernels.data.rows import StackedRows
+from neural_kernels.data.prepared import SPLITS
+from neural_kernels.data.rows import Crops, StackedRows, centre_crops, random_crops
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
@@ -47,18 +50,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: What kernel.json and shard.json record of the kernel (KernelSpec's fields).
+SPEC_KEYS = tuple(field.name for field in dataclasses.fields(KernelSpec))
 #: The default of :func:`analytic_files` (frozen, so one instance serves every call).
 DEFAULT_ANALYTIC = AnalyticSettings()
 
 
-class ImageRows:
-    """Rows of an NHWC ``.npy`` (memory-mapped), optionally indexed and flip-doubled.
+#: Makes the crops of ``count`` images of ``height x width``
+#: (:func:`~neural_kernels.data.rows.random_crops`, ``centre_crops``).
+CropMaker = Callable[[int, int, int], Crops]
 
-    With ``flips`` the rows are ``images[indices]`` followed by their horizontal
-    mirrors, read lazily slice by slice (nothing is copied up front).
+
+class ImageRows:
+    """Rows of an NHWC ``.npy`` (memory-mapped), optionally indexed, cropped and
+    flip-doubled.
+
+    The rows are ``images[indices]`` (with ``crop``: copy 0 of their windows, then copy
+    1, ...), followed with ``flips`` by the horizontal mirrors of all of those, read
+    lazily slice by slice (nothing is copied up front).
     """
 
-    def __init__(self, path: Path, indices: NDArray | None = None, flips: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        indices: NDArray | None = None,
+        flips: bool = False,
+        crop: CropMaker | None = None,
+    ):
         try:
             self.base = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as error:
@@ -74,13 +92,18 @@ class ImageRows:
             raise DataError(f"indices out of range for {path} ({len(self.base)} images)")
         self.path, self.indices, self.flips = path, indices, flips
         self.count = len(self.base) if indices is None else len(indices)
+        self.crops = None if crop is None else crop(self.count, *self.base.shape[1:3])
+        self.copies = 1 if self.crops is None else self.crops.copies
+        self.unmirrored = self.count * self.copies
 
     def __len__(self) -> int:
-        return self.count * (2 if self.flips else 1)
+        return self.unmirrored * (2 if self.flips else 1)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.base.shape[1:])
+        if self.crops is None:
+            return (len(self), *self.base.shape[1:])
+        return (len(self), self.crops.size, self.crops.size, self.base.shape[3])
 
     @property
     def ndim(self) -> int:
@@ -90,23 +113,34 @@ class ImageRows:
     def dtype(self) -> np.dtype:
         return self.base.dtype
 
-    def _rows(self, start: int, stop: int) -> NDArray:
+    def _images(self, start: int, stop: int) -> NDArray:
         if self.indices is None:
             return np.asarray(self.base[start:stop])
         return self.base[self.indices[start:stop]]
+
+    def _rows(self, start: int, stop: int) -> NDArray:
+        """Unmirrored rows ``[start, stop)``: images, or their windows copy by copy."""
+        if self.crops is None:
+            return self._images(start, stop)
+        pieces = []
+        for copy in range(start // self.count, (stop - 1) // self.count + 1):
+            first = copy * self.count
+            lo, hi = max(start, first) - first, min(stop, first + self.count) - first
+            pieces.append(self.crops.apply(self._images(lo, hi), copy, lo))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __getitem__(self, key: slice) -> NDArray:
         start, stop, step = key.indices(len(self))
         if step != 1:
             raise NeuralKernelsError("ImageRows supports contiguous slices only")
-        parts = []
-        if start < self.count:
-            parts.append(self._rows(start, min(stop, self.count)))
-        if stop > self.count:
-            lo, hi = max(start, self.count) - self.count, stop - self.count
+        parts, unmirrored = [], self.unmirrored
+        if start < unmirrored:
+            parts.append(self._rows(start, min(stop, unmirrored)))
+        if stop > unmirrored:
+            lo, hi = max(start, unmirrored) - unmirrored, stop - unmirrored
             parts.append(self._rows(lo, hi)[:, :, ::-1])
         if not parts:
-            return np.empty((0, *self.base.shape[1:]), self.base.dtype)
+            return np.empty((0, *self.shape[1:]), self.base.dtype)
         return np.ascontiguousarray(np.concatenate(parts))
 
 
@@ -127,22 +161,19 @@ class FittedRows(StackedRows):
         self.named = dict(parts)
 
     def layout(self) -> list[dict]:
-        """The segments of rows: split, ``[start, stop)`` and whether mirrored."""
+        """The segments of rows: split, ``[start, stop)``, whether mirrored and, for a
+        kernel augmented by crops, which copy of the windows."""
         segments = []
         for (split, part), start in zip(self.named.items(), self.offsets, strict=False):
             start = int(start)
-            segments.append(
-                {"split": split, "start": start, "stop": start + part.count, "mirrored": False}
-            )
-            if part.flips:
-                segments.append(
-                    {
-                        "split": split,
-                        "start": start + part.count,
-                        "stop": start + 2 * part.count,
-                        "mirrored": True,
-                    }
-                )
+            for mirrored in (False, True) if part.flips else (False,):
+                for copy in range(part.copies):
+                    segment = {"split": split, "start": start, "stop": start + part.count}
+                    segment["mirrored"] = mirrored
+                    if part.crops is not None:
+                        segment["copy"] = copy
+                    segments.append(segment)
+                    start += part.count
         return segments
 
 
@@ -156,17 +187,45 @@ class KernelInputs:
     val: Path | None = None
 
 
-def _inputs(inputs: KernelInputs, flips: bool) -> tuple[FittedRows, dict[str, ImageRows]]:
-    """The fitted rows and the eval splits' rows, read from ``inputs``' files."""
-    parts = {"train": ImageRows(Path(inputs.train), _load_indices(inputs.train_indices), flips)}
+def crop_maker(spec: KernelSpec, split: str | None, path: Path) -> CropMaker | None:
+    """The crops of a split's images: random windows of a fitted split (its own stream
+    of ``spec.crop_seed``), the centre window of an eval split (``split`` None)."""
+    if spec.crop is None:
+        return None
+    if split is None:
+        return functools.partial(centre_crops, size=spec.crop, what=str(path))
+    return functools.partial(
+        random_crops,
+        size=spec.crop,
+        copies=spec.copies,
+        seed=spec.crop_seed,
+        stream=SPLITS.index(split),
+        what=str(path),
+    )
+
+
+def _inputs(inputs: KernelInputs, spec: KernelSpec) -> tuple[FittedRows, dict[str, ImageRows]]:
+    """The fitted rows and the eval splits' rows, read from ``inputs``' files.
+
+    With crops the val split may be both fitted (its random windows, for the refit) and
+    an eval split (its centre windows, which the selection scores); otherwise it is one
+    or the other.
+    """
+    train, indices = Path(inputs.train), _load_indices(inputs.train_indices)
+    parts = {"train": ImageRows(train, indices, spec.flips, crop_maker(spec, "train", train))}
     if inputs.val is not None:
-        if "val" in inputs.evals:
+        if "val" in inputs.evals and spec.crop is None:
             raise NeuralKernelsError(
-                "the val split is either fitted (val=...) or an eval split, not both"
+                "the val split is either fitted (val=...) or an eval split, not both "
+                "(both only for a kernel augmented by crops)"
             )
-        parts["val"] = ImageRows(Path(inputs.val), flips=flips)
+        val = Path(inputs.val)
+        parts["val"] = ImageRows(val, flips=spec.flips, crop=crop_maker(spec, "val", val))
     rows = FittedRows(parts)
-    eval_rows = {name: ImageRows(Path(p)) for name, p in inputs.evals.items()}
+    eval_rows = {
+        name: ImageRows(Path(p), crop=crop_maker(spec, None, Path(p)))
+        for name, p in inputs.evals.items()
+    }
     for name, images in eval_rows.items():
         if images.shape[1:] != rows.shape[1:]:
             raise DataError(
@@ -193,14 +252,7 @@ def _describe(rows: FittedRows, evals: Mapping[str, ImageRows]) -> dict:
 
 def _spec_record(method: str, spec: KernelSpec, settings: dict) -> dict:
     """A record's leading keys: the method, the kernel and the method's settings."""
-    return {
-        "method": method,
-        "arch": spec.arch,
-        "activation": spec.activation,
-        "gamma": spec.gamma,
-        "flips": spec.flips,
-        "settings": settings,
-    }
+    return {"method": method, **dataclasses.asdict(spec), "settings": settings}
 
 
 def _open_sums(
@@ -237,7 +289,7 @@ def estimate_shard(
     """
     net = spec.network()
     chunks = settings.shard_chunks(shard, shards)
-    rows, eval_rows = _inputs(inputs, spec.flips)
+    rows, eval_rows = _inputs(inputs, spec)
     run_device = resolve_device(device, stage=f"kernel-shard {shard + 1}/{shards}")
     reset_peak_memory(run_device)
     started = time.perf_counter()
@@ -290,7 +342,7 @@ def _read_meta(path: Path) -> dict:
 def _check_same_configuration(shard_dirs: list[Path], metas: list[dict]) -> None:
     """Every shard has the first one's kernel, settings, shard count and inputs."""
     first = metas[0]
-    same = ("arch", "activation", "gamma", "flips", "settings", "shards", "inputs")
+    same = (*SPEC_KEYS, "settings", "shards", "inputs")
     for directory, meta in zip(shard_dirs, metas, strict=True):
         for key in same:
             if meta[key] != first[key]:
@@ -347,10 +399,7 @@ def _project_sums(
 def _merged_record(metas: list[dict], started: float) -> dict:
     """kernel.json of merged shards: the shards' configuration, totals and timings."""
     first = metas[0]
-    record = {
-        key: first[key]
-        for key in ("method", "arch", "activation", "gamma", "flips", "settings", "inputs")
-    }
+    record = {key: first[key] for key in ("method", *SPEC_KEYS, "settings", "inputs")}
     shard_seconds = [m["seconds"]["total"] for m in metas]
     record.update(
         features=sum(m["features"] for m in metas),
@@ -490,7 +539,7 @@ def analytic_files(
     ``out_dir``, with a mask of finished blocks, and moved in at the end.
     """
     net = spec.network()
-    rows, eval_rows = _inputs(inputs, spec.flips)
+    rows, eval_rows = _inputs(inputs, spec)
     run_device = resolve_device(device, stage="kernel-analytic")
     out_dir = Path(out_dir)
     # resume_dir's directory, read before the key, which includes the block size.

@@ -53,7 +53,7 @@ def _training(entry: Entry, results: Results, thesis: dict) -> str | None:
     if size is None:
         return None
     images, rows = size["images"], size.get("rows", size["images"])
-    mirrors = f", {rows:,} rows with their horizontal mirrors (no crops)" if rows != images else ""
+    mirrors = _augmentation(record.get("kernel", {}), images, rows)
     thesis_size = thesis.get("train_images") if entry.same_dataset else None
     versus = f" (the thesis: {thesis_size:,})" if thesis_size and thesis_size != images else ""
     if entry.kind == "network":
@@ -79,6 +79,22 @@ def _training(entry: Entry, results: Results, thesis: dict) -> str | None:
         f"{_scope(entry)}{kernel}: hyperparameters chosen on val after fitting on train, "
         f"then refit on train + val: {images:,} training images{mirrors}{versus}"
     )
+
+
+def _augmentation(kernel: dict, images: int, rows: int) -> str:
+    """How a kernel's fitted rows augment its images (empty when they do not)."""
+    if kernel.get("crop"):
+        copies, size = kernel.get("copies") or 1, kernel["crop"]
+        crops = f"{copies} seeded random {size}x{size} crop{'s' if copies > 1 else ''}"
+        mirrors = " and their horizontal mirrors" if kernel.get("flips") else ""
+        return (
+            f", {rows:,} rows: {crops} of every image{mirrors}, drawn once (the thesis "
+            f"draws new crops every epoch of its networks); val and test are scored on "
+            f"their centre {size}x{size} crops"
+        )
+    if rows != images:
+        return f", {rows:,} rows with their horizontal mirrors (no crops)"
+    return ""
 
 
 def _kernel(entry: Entry, results: Results, thesis: dict) -> str | None:

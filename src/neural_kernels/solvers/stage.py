@@ -150,10 +150,13 @@ def _check_segments(layout: list[dict], ys: dict[str, NDArray], kernel_dir: Path
 
 
 def _read_blocks(
-    kernel_dir: Path, fitted: list[str], ys: dict[str, NDArray], rows: int
+    kernel_dir: Path, record: dict, ys: dict[str, NDArray], rows: int
 ) -> dict[str, NDArray]:
     """The memory-mapped ``train`` block and eval blocks, their shapes checked."""
-    names = ["train", *(split for split in SPLITS if split not in fitted)]
+    fitted = {segment["split"] for segment in record["inputs"]["train"]["layout"]}
+    # a crop-augmented kernel scores val's centre crops too, though val is fitted
+    evals = [s for s in SPLITS[1:] if s not in fitted or s in record["inputs"]]
+    names = ["train", *evals]
     blocks = {name: _load_npy(kernel_dir / f"{name}.npy", mmap=True) for name in names}
     for name, block in blocks.items():
         expected = (rows if name == "train" else len(ys[name]), rows)
@@ -171,11 +174,15 @@ def _refit_fits(
     """Selection on the train rows scored on the val rows; refit on all, scored on test."""
     kernel = blocks["train"]
     train_rows = max(seg["stop"] for seg in layout if seg["split"] == "train")
-    val = next(seg for seg in layout if seg["split"] == "val" and not seg["mirrored"])
+    if "val" in blocks:  # crops: the fitted val rows are random windows, the block the centre
+        val_block = blocks["val"][:, :train_rows]
+    else:
+        val = next(seg for seg in layout if seg["split"] == "val" and not seg["mirrored"])
+        val_block = kernel[val["start"] : val["stop"], :train_rows]
     selection = Fit(
         kernel=kernel[:train_rows, :train_rows],
         labels=row_labels[:train_rows],
-        evals={"val": kernel[val["start"] : val["stop"], :train_rows]},
+        evals={"val": val_block},
         eval_labels={"val": ys["val"]},
         images=len(ys["train"]),
         splits=("train",),
@@ -204,7 +211,7 @@ def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
     _check_segments(layout, ys, kernel_dir)
     fitted = [segment["split"] for segment in layout]
     row_labels = np.concatenate([ys[segment["split"]] for segment in layout])
-    blocks = _read_blocks(kernel_dir, fitted, ys, len(row_labels))
+    blocks = _read_blocks(kernel_dir, record, ys, len(row_labels))
     if "val" in fitted:
         selection, refit = _refit_fits(blocks, layout, ys, row_labels)
     else:
@@ -380,7 +387,7 @@ def _record(
     fitted_rows = {"selection": len(problem.selection.labels)}
     if problem.refit is not None:
         fitted_rows["refit"] = len(problem.refit.labels)
-    kernel_keys = ("method", "arch", "activation", "gamma", "flips", "features")
+    kernel_keys = ("method", "arch", "activation", "gamma", "flips", "crop", "copies", "features")
     return {
         "method": settings.method,
         "settings": settings.describe(),
