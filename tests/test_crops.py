@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from neural_kernels.cli import main
 from neural_kernels.data.rows import centre_crops, random_crops
+from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels.analytic import analytic_kernel
 from neural_kernels.kernels.estimate import estimate_kernel
 from neural_kernels.kernels.stage import (
@@ -94,11 +95,8 @@ def test_eval_rows_are_torchvision_centre_crops(tmp_path):
 @pytest.mark.parametrize("method", ["analytic", "estimate"])
 def test_a_crop_augmented_kernel_equals_the_kernel_of_explicit_crops(splits, tmp_path, method):
     root = splits["root"]
-    inputs = KernelInputs(
-        root / "train.npy",
-        {"val": root / "val.npy", "test": root / "test.npy"},
-        val=root / "val.npy",
-    )
+    # val is fitted (random crops); its centre crops are scored as well, unasked
+    inputs = KernelInputs(root / "train.npy", {"test": root / "test.npy"}, val=root / "val.npy")
     fitted, val, test = explicit_inputs(splits)
     net = SPEC.network()
     if method == "analytic":
@@ -191,3 +189,33 @@ def test_the_thesis_crops_run_at_their_size(tmp_path, arch, side, crop):
     assert record["inputs"]["image_shape"] == [crop, crop, 3]
     np.testing.assert_allclose(np.diag(np.load(tmp_path / "k" / "train.npy")), 1.0, atol=1e-12)
     assert np.load(tmp_path / "k" / "test.npy").shape == (3, 3)
+
+
+def test_rows_slice_across_copies_and_mirrors_and_reject_mismatched_splits(splits, tmp_path):
+    root = splits["root"]
+    crop = lambda n, h, w: random_crops(n, h, w, 6, 2, 7, 0, "x")  # noqa: E731
+    rows = ImageRows(root / "train.npy", np.array([5, 0, 3]), flips=True, crop=crop)
+    everything = rows[0 : len(rows)]
+    assert everything.shape == (12, 6, 6, 1)
+    for start, stop in [(2, 5), (5, 8), (0, 12), (7, 7), (9, 3)]:
+        np.testing.assert_array_equal(rows[start:stop], everything[start:stop])
+    np.save(tmp_path / "big.npy", np.zeros((4, 10, 10, 1)))
+    inputs = KernelInputs(root / "train.npy", {"test": tmp_path / "big.npy"})
+    with pytest.raises(
+        DataError, match=r"test has images of shape \(10, 10, 1\), train \(8, 8, 1\)"
+    ):
+        analytic_files(inputs, tmp_path / "k", SPEC, device="cpu", progress=False)
+    with pytest.raises(NeuralKernelsError, match="copies and crop_seed concern crops"):
+        KernelSpec("myrtle5", copies=2)
+
+
+def test_a_kernel_without_crops_records_what_it_did_before(splits, tmp_path):
+    root = splits["root"]
+    inputs = KernelInputs(root / "train.npy", {"test": root / "test.npy"})
+    settings = EstimateSettings(width=2, networks=1, chunk_networks=1)
+    estimate_shard(
+        inputs, tmp_path / "s", KernelSpec("myrtle5"), settings, device="cpu", progress=False
+    )
+    record = merge_shards([tmp_path / "s"], tmp_path / "k")
+    assert not {"crop", "copies", "crop_seed"} & record.keys()
+    assert "copy" not in record["inputs"]["train"]["layout"][0]

@@ -176,7 +176,8 @@ def add_arguments(
         meta, flag = field.metadata, "--" + field.name.replace("_", "-")
         required = field.default is dataclasses.MISSING
         default = None if required else field.default
-        shown = "" if required or default in (None, (), False) else f" (default {default})"
+        hidden = required or default is None or default is False or default == ()
+        shown = "" if hidden else f" (default {default})"
         help_text = meta.get("help", "") + shown
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=help_text)
@@ -347,13 +348,9 @@ class KernelSpec(Checked):
     def __post_init__(self) -> None:
         if not self.gamma > 0:
             raise NeuralKernelsError(f"gamma must be positive, got {self.gamma}")
+        if self.crop is None and (self.copies != 1 or self.crop_seed != 0):
+            raise NeuralKernelsError("copies and crop_seed concern crops: set crop too")
         super().__post_init__()
-
-    def crop_record(self) -> dict | None:
-        """What kernel.json records of the crops (``None`` without)."""
-        if self.crop is None:
-            return None
-        return {"size": self.crop, "copies": self.copies, "seed": self.crop_seed}
 
     def network(self) -> Any:
         """The :class:`~neural_kernels.architectures.Serial` network (imports torch)."""

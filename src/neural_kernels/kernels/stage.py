@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: What kernel.json and shard.json record of the kernel (KernelSpec's fields).
 SPEC_KEYS = tuple(field.name for field in dataclasses.fields(KernelSpec))
+#: Recorded only for a kernel augmented by crops.
+CROP_KEYS = ("crop", "copies", "crop_seed")
 #: The default of :func:`analytic_files` (frozen, so one instance serves every call).
 DEFAULT_ANALYTIC = AnalyticSettings()
 
@@ -122,6 +124,8 @@ class ImageRows:
         """Unmirrored rows ``[start, stop)``: images, or their windows copy by copy."""
         if self.crops is None:
             return self._images(start, stop)
+        if start >= stop:
+            return np.empty((0, *self.shape[1:]), self.base.dtype)
         pieces = []
         for copy in range(start // self.count, (stop - 1) // self.count + 1):
             first = copy * self.count
@@ -222,14 +226,18 @@ def _inputs(inputs: KernelInputs, spec: KernelSpec) -> tuple[FittedRows, dict[st
         val = Path(inputs.val)
         parts["val"] = ImageRows(val, flips=spec.flips, crop=crop_maker(spec, "val", val))
     rows = FittedRows(parts)
+    evals = dict(inputs.evals)
+    if spec.crop is not None and inputs.val is not None:
+        evals.setdefault("val", inputs.val)  # the selection scores val's centre crops
     eval_rows = {
-        name: ImageRows(Path(p), crop=crop_maker(spec, None, Path(p)))
-        for name, p in inputs.evals.items()
+        name: ImageRows(Path(p), crop=crop_maker(spec, None, Path(p))) for name, p in evals.items()
     }
-    for name, images in eval_rows.items():
-        if images.shape[1:] != rows.shape[1:]:
+    base = parts["train"].base.shape[1:]
+    for name, images in {**parts, **eval_rows}.items():
+        if images.base.shape[1:] != base:
             raise DataError(
-                f"eval set {name!r} has images of shape {images.shape[1:]}, train {rows.shape[1:]}"
+                f"{name} has images of shape {images.base.shape[1:]}, train {base}; the "
+                "splits must come from one dataset"
             )
     return rows, eval_rows
 
@@ -251,8 +259,15 @@ def _describe(rows: FittedRows, evals: Mapping[str, ImageRows]) -> dict:
 
 
 def _spec_record(method: str, spec: KernelSpec, settings: dict) -> dict:
-    """A record's leading keys: the method, the kernel and the method's settings."""
-    return {"method": method, **dataclasses.asdict(spec), "settings": settings}
+    """A record's leading keys: the method, the kernel and the method's settings.
+
+    The crop keys are written only for a kernel augmented by crops, so that the record
+    (and the resume key hashed from it) of every other kernel stays what it was.
+    """
+    kernel = dataclasses.asdict(spec)
+    if spec.crop is None:
+        kernel = {key: kernel[key] for key in SPEC_KEYS if key not in CROP_KEYS}
+    return {"method": method, **kernel, "settings": settings}
 
 
 def _open_sums(
@@ -345,7 +360,7 @@ def _check_same_configuration(shard_dirs: list[Path], metas: list[dict]) -> None
     same = (*SPEC_KEYS, "settings", "shards", "inputs")
     for directory, meta in zip(shard_dirs, metas, strict=True):
         for key in same:
-            if meta[key] != first[key]:
+            if meta.get(key) != first.get(key):
                 raise NeuralKernelsError(
                     f"shard {directory} differs from {shard_dirs[0]} in {key!r}; "
                     "rerun the shards with one configuration"
@@ -399,7 +414,8 @@ def _project_sums(
 def _merged_record(metas: list[dict], started: float) -> dict:
     """kernel.json of merged shards: the shards' configuration, totals and timings."""
     first = metas[0]
-    record = {key: first[key] for key in ("method", *SPEC_KEYS, "settings", "inputs")}
+    keys = ("method", *SPEC_KEYS, "settings", "inputs")
+    record = {key: first[key] for key in keys if key in first}
     shard_seconds = [m["seconds"]["total"] for m in metas]
     record.update(
         features=sum(m["features"] for m in metas),

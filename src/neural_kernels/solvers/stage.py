@@ -387,7 +387,8 @@ def _record(
     fitted_rows = {"selection": len(problem.selection.labels)}
     if problem.refit is not None:
         fitted_rows["refit"] = len(problem.refit.labels)
-    kernel_keys = ("method", "arch", "activation", "gamma", "flips", "crop", "copies", "features")
+    kernel_keys = ("method", "arch", "activation", "gamma", "flips", "features")
+    kernel_keys += tuple(key for key in ("crop", "copies", "crop_seed") if key in problem.record)
     return {
         "method": settings.method,
         "settings": settings.describe(),
