@@ -321,6 +321,10 @@ ARCHITECTURE_NAMES = LazyChoices("neural_kernels.catalog:MYRTLE_STAGES")
 ACTIVATION_NAMES = LazyChoices("neural_kernels.architectures:ACTIVATIONS")
 
 
+#: KernelSpec's fields that concern crops (a record holds them only with crops).
+CROP_KEYS = ("crop", "copies", "crop_seed")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec(Checked):
     """Which kernel: the architecture, its nonlinearity, and flip augmentation."""

@@ -43,7 +43,7 @@ from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
 from neural_kernels.kernels.estimate import estimate_sums, projected_kernel
 from neural_kernels.kernels.layout import KERNEL_META, SHARD_META
 from neural_kernels.outputs import resume_dir, resume_key, staged_directory, write_json
-from neural_kernels.settings import AnalyticSettings, EstimateSettings, KernelSpec
+from neural_kernels.settings import CROP_KEYS, AnalyticSettings, EstimateSettings, KernelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 
 #: What kernel.json and shard.json record of the kernel (KernelSpec's fields).
 SPEC_KEYS = tuple(field.name for field in dataclasses.fields(KernelSpec))
-#: Recorded only for a kernel augmented by crops.
-CROP_KEYS = ("crop", "copies", "crop_seed")
 #: The default of :func:`analytic_files` (frozen, so one instance serves every call).
 DEFAULT_ANALYTIC = AnalyticSettings()
 

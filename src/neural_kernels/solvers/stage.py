@@ -49,7 +49,7 @@ from neural_kernels.kernels.layout import KERNEL_META
 from neural_kernels.layout import SOLVE_METRICS as METRICS
 from neural_kernels.layout import SOLVE_PREDICTIONS as PREDICTIONS
 from neural_kernels.outputs import staged_directory, write_json
-from neural_kernels.settings import SolverSettings, resolve
+from neural_kernels.settings import CROP_KEYS, SolverSettings, resolve
 from neural_kernels.solvers.flow import Matrix, one_hot_targets
 from neural_kernels.solvers.registry import SOLVERS
 
@@ -388,7 +388,7 @@ def _record(
     if problem.refit is not None:
         fitted_rows["refit"] = len(problem.refit.labels)
     kernel_keys = ("method", "arch", "activation", "gamma", "flips", "features")
-    kernel_keys += tuple(key for key in ("crop", "copies", "crop_seed") if key in problem.record)
+    kernel_keys += tuple(key for key in CROP_KEYS if key in problem.record)
     return {
         "method": settings.method,
         "settings": settings.describe(),
