@@ -7,7 +7,10 @@ Prints a table and writes JSON (default ``results/benchmarks/kernels.json``):
   Myrtle5 and Myrtle10 on random CIFAR-shaped data, and the projected time of the
   thesis's largest run (CIFAR-10 Myrtle10, 800k features, train with flips + test);
 * analytic: pairs per second for Myrtle5/10 on CIFAR-shaped data, and the time of the
-  analytic Myrtle5 kernel of 1024 digits (8x8x1, float64; target < 45 s on 2 CPU cores).
+  analytic Myrtle5 kernel of 1024 digits (8x8x1, float64; target < 45 s on 2 CPU cores)
+  and, when neural-tangents is installed (not a dependency), its pooled NNGP kernel of
+  the same digits timed in the same run (``tests/nt_reference.py``, float64 on the
+  CPU): the ratio of the two is the speed-up over the reference library.
 
 Runs on CUDA when present (``--device``). Usage: ``python benchmarks/kernels.py``.
 """
@@ -15,7 +18,11 @@ Runs on CUDA when present (``--device``). Usage: ``python benchmarks/kernels.py`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,9 +143,32 @@ def bench_analytic(
     }
 
 
-def bench_digits(device: torch.device, n: int, precision: str) -> dict:
+NT_REFERENCE = Path(__file__).resolve().parents[1] / "tests/nt_reference.py"
+
+
+def digits_images(n: int) -> np.ndarray:
+    """The first ``n`` digits, ``(n, 8, 8, 1)`` float64, standardised."""
     x = load_digits().images[:n, :, :, None].astype(np.float64) / 16.0
-    x = (x - x.mean(0)) / x.std()
+    return (x - x.mean(0)) / x.std()
+
+
+def bench_neural_tangents(n: int) -> dict | None:
+    """neural-tangents' Myrtle5 NNGP kernel of the same digits (seconds of the kernel
+    alone, in its own interpreter), or ``None`` when it is not installed."""
+    if importlib.util.find_spec("neural_tangents") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "images.npy", digits_images(n))
+        done = subprocess.run(
+            [sys.executable, str(NT_REFERENCE), tmp, str(Path(tmp) / "k.npy")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    seconds = float(done.stdout.split("seconds=")[-1].split()[0])
+    return {"images": n, "precision": "float64", "seconds": seconds}
+
+
+def bench_digits(device: torch.device, n: int, precision: str) -> dict:
+    x = digits_images(n)
     started = time.perf_counter()
     analytic_kernel(myrtle("myrtle5"), x, precision=precision, device=str(device), progress=False)
     return {"images": n, "precision": precision, "seconds": time.perf_counter() - started}
@@ -182,6 +212,7 @@ def main() -> None:
     report["digits_myrtle5_analytic"] = [
         bench_digits(device, n_digits, p) for p in ("float64", "mixed")
     ]
+    report["digits_myrtle5_neural_tangents"] = bench_neural_tangents(n_digits)
 
     print(f"device: {report['device']} ({report['threads']} threads)")
     print("\nestimate (random CIFAR-shaped data, width 64)")
@@ -207,6 +238,13 @@ def main() -> None:
         print(
             f"\nanalytic Myrtle5, {row['images']} digits, {row['precision']}: "
             f"{row['seconds']:.1f} s (target < 45 s for 1024 in float64)"
+        )
+    reference = report["digits_myrtle5_neural_tangents"]
+    if reference is not None:
+        ours = report["digits_myrtle5_analytic"][0]["seconds"]
+        print(
+            f"neural-tangents, the same {reference['images']} digits, float64: "
+            f"{reference['seconds']:.1f} s; ours is {reference['seconds'] / ours:.1f}x faster"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from neural_kernels import architectures
 from neural_kernels.architectures import (
     Conv,
     GlobalAvgPool,
@@ -120,8 +121,10 @@ def test_l2_cache_size_is_read_or_defaulted():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_relu_map_on_the_cpu_matches_torch_asin(dtype):
-    # The CPU path evaluates arcsin through NumPy; the formula must not change.
+@pytest.mark.parametrize("numpy_asin", [True, False])
+def test_relu_map_on_the_cpu_matches_torch_asin(dtype, numpy_asin, monkeypatch):
+    # Either arcsin (NumPy's where it is vectorised, torch's otherwise): the same map.
+    monkeypatch.setattr(architectures, "_NUMPY_ASIN", numpy_asin)
     k = torch.linspace(-2.0, 2.0, 1001, dtype=dtype)
     sx, sy = torch.full_like(k, 1.5), torch.full_like(k, 0.8)
     r = (k / 1.2).clamp(-1, 1)

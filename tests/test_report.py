@@ -20,6 +20,7 @@ from neural_kernels.kernels.compare import centred_relative_error
 from neural_kernels.report import render_report
 from neural_kernels.report.collect import ReportError, collect
 from neural_kernels.report.figures import figure_kernel_error, kernel_errors
+from neural_kernels.report.tables import load_thesis
 
 REPO = Path(__file__).resolve().parents[1]
 THESIS = REPO / "report/thesis.yaml"
@@ -257,6 +258,53 @@ def test_digits_fills_a_shape_only_as_digits(results, tmp_path):
     assert analogue["ours"] == ["95.0"] and analogue["badge"] == ["digits"]
     assert analogue["diff"] == ["difference —"]  # no difference across datasets
     assert analogue["source"][0].startswith("digits ·")
+
+
+def test_a_digits_analogue_names_what_it_changes(results, tmp_path):
+    # T4/T5's Myrtle11/15 and crops of 56/196 cannot run on 8x8 digits: the cell's
+    # 'analogue' (Myrtle5, 6x6 crops) stands in, and the cell says what it changed.
+    crop6 = {"method": "estimate", "arch": "myrtle5", "activation": "relu", "flips": False,
+             "crop": 6, "copies": 1, "features": 4096}  # fmt: skip
+    write(
+        results / "solve/digits/full/m5c6/flow/metrics.json",
+        solve_record(crop6, "flow", 0.93, images=1437),
+    )
+    flipped = {**crop6, "flips": True}
+    write(
+        results / "solve/digits/full/m5c6f/flow/metrics.json",
+        solve_record(flipped, "flow", 0.92, images=1437),
+    )
+    write(
+        results / "networks/digits/resnet18_crop6/metrics.json",
+        {"model": "resnet18", "settings": {"crop": 6, "flip": False, "epochs": 10},
+         "test_accuracy": 0.85, "device": "cpu",
+         "training_size": {"images": 1437, "splits": ["train", "val"]}},
+    )  # fmt: skip
+    cells = render(results, tmp_path / "report")
+    t5 = cells[("T5", "With augmentation", "Myrtle15 kernel")]
+    assert t5["status"] == "analogue" and t5["ours"] == ["93.0"]  # not the flipped one
+    assert "arch myrtle5 for the thesis's myrtle15" in t5["source"][-1]
+    assert "crop 6 for the thesis's 196" in t5["source"][-1]
+    network = cells[("T5", "With augmentation", "ResNet18")]
+    assert network["status"] == "analogue" and network["ours"] == ["85.0"]
+    assert "crop 6 for the thesis's 196" in network["source"][-1]
+    markdown = (tmp_path / "report/report.md").read_text()
+    assert "*digits analogue (arch myrtle5 for the thesis's myrtle15" in markdown
+    assert "for 10 epochs with a random 6x6 crop of every image each epoch" in markdown
+    # a crop without flips is not T4's augmentation (crop + flips); the thesis's own
+    # dataset fills T4's cell whatever digits ran
+    t4 = cells[("T4", "With augmentation", "Myrtle11 kernel")]
+    assert t4["status"] == "ok" and t4["ours"] == ["41.0"]
+    assert cells[("T5", "No augmentation", "Myrtle15 kernel")]["status"] == "not run"
+
+
+def test_a_malformed_analogue_is_a_clear_error(tmp_path):
+    thesis = yaml.safe_load(THESIS.read_text())
+    thesis["tables"][0]["rows"][0]["cells"][0]["analogue"] = "myrtle5"
+    bad = tmp_path / "thesis.yaml"
+    bad.write_text(yaml.safe_dump(thesis))
+    with pytest.raises(ReportError, match="'analogue' must be a mapping"):
+        load_thesis(bad)
 
 
 def test_missing_results_say_not_run_and_name_the_target(results, tmp_path):

@@ -76,6 +76,18 @@ for _name, _cfg in DATASETS.items():
                     f"under '{_section}' (defined: {', '.join(_defined) or 'none'}); "
                     "define it or remove it"
                 )
+    for _kernel, _solvers in _cfg["kernel_solvers"].items():
+        if _kernel not in _cfg["kernels"]:
+            raise ValueError(
+                f"dataset {_name!r} sets kernel_solvers for {_kernel!r}, which is not in its "
+                f"kernels ({', '.join(_cfg['kernels']) or 'none'}); add it or remove the entry"
+            )
+        for _item in _solvers:
+            if _item not in SOLVERS:
+                raise ValueError(
+                    f"dataset {_name!r} lists solver {_item!r} for kernel {_kernel!r}, which "
+                    f"is not defined under 'solvers' (defined: {', '.join(SOLVERS) or 'none'})"
+                )
     for _item in _cfg["networks"]:
         if _item not in NETWORKS:
             raise ValueError(
@@ -287,13 +299,21 @@ def solve_targets():
     for name in DATASETS:
         cfg = DATASETS[name]
         for view, kernels in kernel_views(name):
-            solvers = cfg["solvers"] if fits_val(view) else cfg["subsets"]["solvers"]
             targets += [
                 f"{layout.solve_dir(name, view, kernel, solver)}/{layout.SOLVE_METRICS}"
                 for kernel in kernels
-                for solver in solvers
+                for solver in kernel_solvers(name, view, kernel)
             ]
     return targets
+
+
+def kernel_solvers(dataset, view, kernel):
+    """The solvers run on a kernel: the dataset's (its subsets') list, or the full
+    split's per-kernel exception ('kernel_solvers')."""
+    cfg = DATASETS[dataset]
+    if not fits_val(view):
+        return cfg["subsets"]["solvers"]
+    return cfg["kernel_solvers"].get(kernel, cfg["solvers"])
 
 
 def solve_inputs(wildcards):

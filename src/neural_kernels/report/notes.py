@@ -57,10 +57,11 @@ def _training(entry: Entry, results: Results, thesis: dict) -> str | None:
     thesis_size = thesis.get("train_images") if entry.same_dataset else None
     versus = f" (the thesis: {thesis_size:,})" if thesis_size and thesis_size != images else ""
     if entry.kind == "network":
-        epochs = record["settings"]["epochs"]
+        settings = record["settings"]
         return (
             f"{_scope(entry)}network {record['name']}: trained on train + val, {images:,} "
-            f"images{versus}, for {epochs} epochs; the final epoch is reported"
+            f"images{versus}, for {settings['epochs']} epochs"
+            f"{_network_augmentation(settings)}; the final epoch is reported"
         )
     kernel = record["kernel_name"]
     if not record.get("refit"):
@@ -79,6 +80,16 @@ def _training(entry: Entry, results: Results, thesis: dict) -> str | None:
         f"{_scope(entry)}{kernel}: hyperparameters chosen on val after fitting on train, "
         f"then refit on train + val: {images:,} training images{mirrors}{versus}"
     )
+
+
+def _network_augmentation(settings: dict) -> str:
+    """How a network's training images were augmented (empty when they were not)."""
+    crop, flip = settings.get("crop"), settings.get("flip")
+    if not crop and not flip:
+        return ""
+    what = [f"a random {crop}x{crop} crop" if crop else "", "a random mirror" if flip else ""]
+    test = f" (test: centre {crop}x{crop} crops)" if crop else ""
+    return f" with {' and '.join(w for w in what if w)} of every image each epoch{test}"
 
 
 def _augmentation(kernel: dict, images: int, rows: int) -> str:

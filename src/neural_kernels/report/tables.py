@@ -78,6 +78,7 @@ class Cell:
     status: str = "ok"  # ok | analogue | not run | missing | empty
     message: str = ""
     reference: str | None = None  # whose number the thesis value is (shankar)
+    changes: str = ""  # what a digits analogue changes from the thesis's experiment
 
 
 @dataclass
@@ -109,6 +110,15 @@ def load_thesis(path: Path) -> list[dict]:
         raise ReportError(f"{path}: cannot read the thesis tables ({error})") from None
     for table in tables:
         for row in table["rows"]:
+            for cell in row["cells"]:
+                if "analogue" in cell and not (
+                    isinstance(cell["analogue"], dict) and set(SPEC_KEYS) & cell.keys()
+                ):
+                    raise ReportError(
+                        f"{path}: table {table['id']} row {row['label']!r}: 'analogue' must "
+                        "be a mapping of properties, in a cell with a kernel, network or "
+                        "kernel_time"
+                    )
             if len(row["cells"]) != len(table["columns"]):
                 raise ReportError(
                     f"{path}: table {table['id']} row {row['label']!r} has "
@@ -142,9 +152,31 @@ def _subset(spec: dict, record: dict) -> bool:
     return all(record.get(key) == value for key, value in spec.items())
 
 
+SPEC_KEYS = ("kernel", "network", "kernel_time")
+
+
+def _spec(cell: dict, exact: bool) -> dict:
+    """What our result must have: the cell's spec, with its digits ``analogue`` over it."""
+    key = next(key for key in SPEC_KEYS if key in cell)
+    return {**cell[key], **({} if exact else cell.get("analogue", {}))}
+
+
+def analogue_text(cell: dict) -> str:
+    """How a cell's digits analogue differs from its experiment (empty when it does not)."""
+    spec = next((cell[key] for key in SPEC_KEYS if key in cell), {})
+    changes = [
+        f"{key} {value}" + (f" for the thesis's {spec[key]}" if key in spec else "")
+        for key, value in cell.get("analogue", {}).items()
+        if spec.get(key) != value
+    ]
+    why = cell.get("analogue_why", "the thesis's does not fit 8x8 digits")
+    return f" ({', '.join(changes)}: {why})" if changes else ""
+
+
 def _find(results: Results, table: dict, cell: dict, source: str, exact: bool) -> list[Entry]:
     """Our entries for ``cell`` on datasets of kind ``source``."""
     view_ok = _view_matches if exact else _analogue_view
+    spec = _spec(cell, exact)
     groups: dict[str, list[dict]] = {}
     if "kernel" in cell:
         kind, unit = "solve", "%"
@@ -153,7 +185,7 @@ def _find(results: Results, table: dict, cell: dict, source: str, exact: bool) -
                 results.source(s["dataset"]) == source
                 and view_ok(s["view"], table)
                 and s["method"] == cell["solver"]
-                and _subset(cell["kernel"], s["kernel"])
+                and _subset(spec, s["kernel"])
             ):
                 views = "full" if s["view"] == "full" else "subsets"
                 key = f"{s['dataset']} · {views} · {s['kernel_name']} · {s['solver']}"
@@ -162,7 +194,7 @@ def _find(results: Results, table: dict, cell: dict, source: str, exact: bool) -
         kind, unit = "network", "%"
         for n in results.networks:
             settings = {"model": n["model"], **n["settings"]}
-            if results.source(n["dataset"]) == source and _subset(cell["network"], settings):
+            if results.source(n["dataset"]) == source and _subset(spec, settings):
                 groups.setdefault(f"{n['dataset']} · network {n['name']}", []).append(n)
     else:
         kind, unit = "kernel_time", "hours"
@@ -170,7 +202,7 @@ def _find(results: Results, table: dict, cell: dict, source: str, exact: bool) -
             if (
                 results.source(k["dataset"]) == source
                 and view_ok(k["view"], table)
-                and _subset(cell["kernel_time"], k)
+                and _subset(spec, k)
             ):
                 key = f"{k['dataset']} · {k['view']} · {k['name']} on {kernel_devices(k)}"
                 groups.setdefault(key, []).append(k)
@@ -228,10 +260,11 @@ def fill_cell(results: Results, table: dict, cell: dict, column: str, unit: str)
     if not out.entries and table["dataset"] != ANALOGUE:
         out.entries = _find(results, table, cell, ANALOGUE, exact=False)
         if out.entries:
-            out.status = "analogue"
+            out.status, out.changes = "analogue", analogue_text(cell)
             out.message = (
                 f"digits, not {table['dataset']}: the embedded run fills this cell's "
-                f"experiment on other data; {RUN_HINT.format(target=cell['target'])} "
+                f"experiment on other data{out.changes}; "
+                f"{RUN_HINT.format(target=cell['target'])} "
                 "runs the thesis's"
             )
     if not out.entries:
