@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
 
 
-#: The whole default run (every thesis cell's digits analogue) takes about 20 min on a
+#: The whole default run (every thesis cell's digits analogue) took 23.5 min on a
 #: slow 2-core machine (AMD EPYC without AVX512), about a quarter of that on CI's; a
 #: hung run still fails, well inside CI's limit.
 SNAKEMAKE_TIMEOUT = 3000

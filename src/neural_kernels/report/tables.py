@@ -155,15 +155,19 @@ def _subset(spec: dict, record: dict) -> bool:
 SPEC_KEYS = ("kernel", "network", "kernel_time")
 
 
+def _thesis_spec(cell: dict) -> dict:
+    """The properties of the cell's experiment (its kernel, network or kernel_time)."""
+    return next((cell[key] for key in SPEC_KEYS if key in cell), {})
+
+
 def _spec(cell: dict, exact: bool) -> dict:
     """What our result must have: the cell's spec, with its digits ``analogue`` over it."""
-    key = next(key for key in SPEC_KEYS if key in cell)
-    return {**cell[key], **({} if exact else cell.get("analogue", {}))}
+    return {**_thesis_spec(cell), **({} if exact else cell.get("analogue", {}))}
 
 
 def analogue_text(cell: dict) -> str:
     """How a cell's digits analogue differs from its experiment (empty when it does not)."""
-    spec = next((cell[key] for key in SPEC_KEYS if key in cell), {})
+    spec = _thesis_spec(cell)
     changes = [
         f"{key} {value}" + (f" for the thesis's {spec[key]}" if key in spec else "")
         for key, value in cell.get("analogue", {}).items()
