@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,18 @@ def _handler(server: ArchiveServer) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped where torch sees no CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def archive_server(tmp_path: Path) -> Iterator[ArchiveServer]:
     """A started :class:`ArchiveServer` serving ``tmp_path / "served"``."""
@@ -79,6 +92,19 @@ def archive_server(tmp_path: Path) -> Iterator[ArchiveServer]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def prepared_digits(root: Path, n: int) -> Path:
+    """The first ``n`` digits as a prepared custom dataset (uint8, 64:8:20 split)."""
+    from sklearn.datasets import load_digits
+
+    from neural_kernels.data.prepared import prepare_dataset
+
+    bunch = load_digits()
+    images = np.rint(bunch.images[:n] * (255 / 16)).astype(np.uint8)
+    np.savez(root / "digits.npz", images=images, labels=bunch.target[:n])
+    prepare_dataset("custom", root / "digits", npz=root / "digits.npz")
+    return root / "digits"
 
 
 def copy_workflow(root: Path) -> Path:

@@ -24,7 +24,7 @@ from neural_kernels.architectures import (
     myrtle,
 )
 from neural_kernels.cli import main
-from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels import analytic, stage
 from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size, l2_cache_bytes
 from neural_kernels.kernels.estimate import EstimateSettings, estimate_kernel
@@ -564,7 +564,7 @@ def test_estimate_settings_reject_bad_shards():
         EstimateSettings(precision="float16")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_gpu_matches_cpu(digits):
     net = myrtle("myrtle5")
     x = digits[:16].astype(np.float64)
@@ -585,3 +585,74 @@ def test_gpu_matches_cpu(digits):
 
 def test_stage_module_layout_constants():
     assert stage.KERNEL_META == "kernel.json" and stage.SHARD_META == "shard.json"
+
+
+# ------------------------------------------------------------------ stage boundaries
+
+
+def with_nan(path: Path, row: int) -> Path:
+    images = np.load(path)
+    images[row, 2, 3, 0] = np.nan
+    broken = path.with_name("broken_" + path.name)
+    np.save(broken, images)
+    return broken
+
+
+@pytest.mark.parametrize("method", ["analytic", "estimate"])
+def test_nan_images_are_refused_by_the_kernel_command(split_files, tmp_path, capsys, method):
+    broken = with_nan(split_files["train"], row=3)
+    out = tmp_path / "k" / "K.npy"
+    args = ["-q", "kernel", "--arch", "myrtle5", "--method", method, "--images", str(broken)]
+    assert main([*args, "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert f"{broken}: 1 of 24 rows hold NaN or infinite values (rows 3)" in error
+    assert "rerun zca" in error
+    assert not out.exists() and not list(out.parent.glob("*"))
+
+
+def test_nan_images_are_refused_by_the_kernel_stages(split_files, tmp_path):
+    broken = with_nan(split_files["test"], row=7)
+    inputs = KernelInputs(split_files["train"], {"test": broken}, val=split_files["val"])
+    with pytest.raises(DataError, match=r"broken_test_images.npy: 1 of 10 rows .* \(rows 7\)"):
+        analytic_files(inputs, tmp_path / "a", KernelSpec("myrtle5"), progress=False)
+    with pytest.raises(DataError, match=r"\(rows 7\)"):
+        estimate_shard(inputs, tmp_path / "s", KernelSpec("myrtle5"), SETTINGS, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / ".a.resume").exists()
+    assert not list((tmp_path / "s").glob("*")) and not list(tmp_path.glob(".s.partial-*"))
+    # a subset's kernel checks its own rows only: row 7 of train is not among them
+    train = with_nan(split_files["train"], row=7)
+    subset = KernelInputs(train, {"test": split_files["test"]}, split_files["indices"])
+    analytic_files(subset, tmp_path / "ok", KernelSpec("myrtle5"), progress=False)
+    train = with_nan(split_files["train"], row=17)  # the subset's third row
+    subset = KernelInputs(train, {"test": split_files["test"]}, split_files["indices"])
+    with pytest.raises(DataError, match=r"1 of 10 rows .* \(rows 17\)"):
+        analytic_files(subset, tmp_path / "bad", KernelSpec("myrtle5"), progress=False)
+
+
+def test_a_kernel_that_overflows_is_never_committed(split_files, tmp_path):
+    """Finite images whose float32 products overflow: the result check refuses it."""
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.load(split_files["train"]) * np.float32(1e30))
+    inputs = KernelInputs(huge, {})
+    with pytest.raises(DataError, match=r"train.npy \(computed\): .* not finite although"):
+        analytic_files(
+            inputs, tmp_path / "a", KernelSpec("myrtle5"), AnalyticSettings(precision="mixed"),
+            progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(DataError, match=r"train.npy \(computed\)"):
+        estimate_shard(inputs, tmp_path / "s", KernelSpec("myrtle5"), SETTINGS, progress=False)
+    assert not list((tmp_path / "s").glob("*"))
+
+
+def test_a_shard_that_does_not_match_its_record_is_refused(split_files, tmp_path):
+    inputs = KernelInputs(split_files["train"], {"test": split_files["test"]})
+    for shard in (0, 1):
+        estimate_shard(
+            inputs, tmp_path / f"s{shard}", KernelSpec("myrtle5"), SETTINGS,
+            shard=shard, shards=2, progress=False,
+        )  # fmt: skip
+    np.save(tmp_path / "s1" / "test.npy", np.zeros((9, 24)))  # damaged: one row short
+    with pytest.raises(DataError, match=r"s1/test.npy has shape \(9, 24\) but its shard.json"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+    assert not list((tmp_path / "merged").glob("*"))

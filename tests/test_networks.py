@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import prepared_digits
 from neural_kernels import networks
 from neural_kernels.architectures import Conv, myrtle
 from neural_kernels.cli import main
@@ -51,12 +52,7 @@ def digits_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_dir(tmp_path_factory) -> Path:
     """The first 300 digits as a custom dataset (192 train, 24 val, 60 test)."""
-    root = tmp_path_factory.mktemp("small")
-    bunch = load_digits()
-    images = np.rint(bunch.images[:300] * (255 / 16)).astype(np.uint8)
-    np.savez(root / "small.npz", images=images, labels=bunch.target[:300])
-    prepare_dataset("custom", root / "small", npz=root / "small.npz")
-    return root / "small"
+    return prepared_digits(tmp_path_factory.mktemp("small"), 300)
 
 
 @pytest.fixture(scope="module")

@@ -295,7 +295,8 @@ def test_slurm_profile_takes_partition_and_account_from_the_environment(workdir)
 
     shard = next(job for job in jobs if job["rule"] == "kernel_estimate_shard")
     call = sbatch(shard)
-    assert "--gpus=1" in call and "--cpus-per-task=8" in call and "--mem 32000" in call
+    # (memory: from the shard's inputs once they exist; tests/test_slurm.py sees it)
+    assert "--gpus=1" in call and "--cpus-per-task=8" in call
     assert "-A proj42" in call and "-p long" in call and "-t 480" in call
     merge = next(job for job in jobs if job["rule"] == "kernel_merge")
     call = sbatch(merge)
@@ -358,6 +359,75 @@ def test_slurm_profile_settings_are_validated_by_the_plugin(workdir, setting, me
     profile = workdir / SLURM / "config.v9+.yaml"
     profile.write_text(profile.read_text() + setting + "\n")
     result = snakemake(workdir, "-n", "--configfile", "config/thesis.yaml", "--profile", SLURM)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
+@pytest.mark.workflow
+def test_no_job_asks_for_a_gpu_where_the_config_says_there_are_none(workdir):
+    """'gpus: false' (config/config.yaml's default; --config gpus=False for the thesis
+    config on a CPU-only cluster): device auto asks for no GPU and the CPU's cores."""
+    runs = {
+        "default": snakemake(workdir, "-n", "--profile", SLURM),
+        "thesis": snakemake(
+            workdir, "-n", "--cores", "64", "--configfile", "config/thesis.yaml",
+            "--profile", SLURM, "--config", "gpus=False",
+        ),
+    }  # fmt: skip
+    for name, result in runs.items():
+        assert result.returncode == 0, (name, result.stderr)
+        jobs = [job for job in dry_run_jobs(result.stdout) if job["rule"] in GPU_RULES]
+        assert jobs and {job["resources"]["gpu"] for job in jobs} == {"0"}, name
+        threads = {job["threads"] for job in jobs}
+        assert threads == ({1} if name == "default" else {32}), (name, threads)
+    # device cuda asks for one all the same
+    config = yaml.safe_load((workdir / "config/config.yaml").read_text())
+    config["kernels"]["myrtle7_analytic"]["device"] = "cuda"
+    (workdir / "cuda.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "-n", "--configfile", "cuda.yaml", "--profile", SLURM)
+    assert result.returncode == 0, result.stderr
+    asking = {
+        job["wildcards"].get("kernel")
+        for job in dry_run_jobs(result.stdout)
+        if job["resources"].get("gpu") == "1"
+    }
+    assert asking == {"myrtle7_analytic"}
+
+
+@pytest.mark.workflow
+def test_the_config_overrides_memory_and_time_limits(workdir):
+    config = yaml.safe_load((workdir / "config/config.yaml").read_text())
+    config["resources"] = {
+        "min_mem_mb": 3000,
+        "mem_mb": {"solve": 5000},
+        "runtime": {"kernel_analytic": 60},
+    }
+    (workdir / "small.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "-n", "--configfile", "small.yaml", "--profile", SLURM)
+    assert result.returncode == 0, result.stderr
+    jobs = dry_run_jobs(result.stdout)
+    by_rule = {}
+    for job in jobs:
+        by_rule.setdefault(job["rule"], []).append(job["resources"])
+    assert {r["mem_mb"] for r in by_rule["solve"]} == {"5000"}
+    assert {r["runtime"] for r in by_rule["kernel_analytic"]} == {"60"}
+    assert {r["runtime"] for r in by_rule["kernel_estimate_shard"]} == {"480"}  # default
+    # prepare (digits: no input) is sized now: the floor; the rest once inputs exist
+    assert by_rule["prepare_dataset"][0]["mem_mb"] == "3000"
+    assert {r["mem_mb"] for r in by_rule["zca_whiten"]} == {"<TBD>"}
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # the profile hands both to the plugin, which validates them
+        ({"NK_SLURM_STATUS_COMMAND": "qstat"}, "Invalid status command"),
+        ({"NK_SLURM_STATUS_WAIT": "0"}, "must be a positive integer"),
+    ],
+)
+def test_status_settings_come_from_the_environment(workdir, env, message):
+    result = snakemake(workdir, "-n", "--profile", SLURM, env=env)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
 

@@ -408,7 +408,7 @@ def test_solve_cli_runs_and_reports_errors(digits_problem, tmp_path, capsys):
     assert "--labels takes NAME=PATH" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_gpu_solvers_match_cpu(digits_problem, tmp_path):
     labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
     for method in ("flow", "ridge", "boosting"):
@@ -423,3 +423,70 @@ def test_gpu_solvers_match_cpu(digits_problem, tmp_path):
         assert gpu["device"] != "cpu"
         for a, b in zip(cpu["grid"], gpu["grid"], strict=True):
             assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.011)
+
+
+# ------------------------------------------------------------------ stage boundaries
+
+
+def solve_refused(kernel_dir: Path, labels: dict, out: Path, message: str) -> None:
+    """The solve raises ``message`` (a regex) and writes nothing."""
+    with pytest.raises(DataError, match=message):
+        solve_files(kernel_dir, labels, out, SolverSettings("flow"), progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_a_kernel_with_nan_is_refused_naming_the_file_and_rows(digits_problem, tmp_path, refit):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem, refit=refit)
+    train = np.load(tmp_path / "kernel" / "train.npy")
+    train[17, 42] = train[42, 17] = np.nan  # one pair, kept symmetric
+    np.save(tmp_path / "kernel" / "train.npy", train)
+    n = len(train)
+    message = rf"kernel/train.npy: 2 of {n} rows hold NaN or infinite values \(rows 17, 42\)"
+    solve_refused(tmp_path / "kernel", labels, tmp_path / "out", message)
+    # an eval block too
+    labels = write_kernel_dir(tmp_path / "k2", digits_problem, refit=refit)
+    test = np.load(tmp_path / "k2" / "test.npy")
+    test[5, 0] = np.inf
+    np.save(tmp_path / "k2" / "test.npy", test)
+    solve_refused(tmp_path / "k2", labels, tmp_path / "out", r"k2/test.npy: 1 of 100 .*rows 5\)")
+
+
+def test_an_asymmetric_fitted_block_is_refused(digits_problem, tmp_path):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem, refit=True)
+    train = np.load(tmp_path / "kernel" / "train.npy")
+    train[3, 250] += 1e-3  # K(x3, x250) != K(x250, x3): pieces from different runs
+    np.save(tmp_path / "kernel" / "train.npy", train)
+    message = r"train.npy is not symmetric: \|K\[3, 250\] - K\[250, 3\]\| = 0.001"
+    solve_refused(tmp_path / "kernel", labels, tmp_path / "out", message)
+    # round-off is not asymmetry
+    train[3, 250] = train[250, 3] * (1 + 1e-12)
+    np.save(tmp_path / "kernel" / "train.npy", train)
+    solve_files(tmp_path / "kernel", labels, tmp_path / "out", SolverSettings("flow"))
+    assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_kernel_record_that_does_not_match_its_blocks_is_refused(digits_problem, tmp_path):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem, refit=True)
+    np.save(tmp_path / "kernel" / "train.npy", digits_problem["fit"][:490, :490])
+    message = r"train.npy has shape \(490, 490\) but kernel.json and the labels give \(500, 500\)"
+    solve_refused(tmp_path / "kernel", labels, tmp_path / "out", message)
+
+
+@pytest.mark.parametrize(
+    ("split", "labels", "message"),
+    [
+        ("test", lambda y: np.where(np.arange(len(y)) == 4, 10, y), r"out of range 0..9 \(rows 4"),
+        ("val", lambda y: np.where(np.arange(len(y)) == 0, -1, y), r"out of range 0..9 \(rows 0,"),
+        (
+            "train",
+            lambda y: np.where(np.arange(len(y)) == 9, -3, y),
+            r"out of range >= 0 \(rows 9,",
+        ),
+        ("test", lambda y: y.astype(np.float64), "must be a 1-d integer array"),
+    ],
+)
+def test_labels_out_of_range_are_refused(digits_problem, tmp_path, split, labels, message):
+    paths = write_kernel_dir(tmp_path / "kernel", digits_problem)
+    np.save(paths[split], labels(digits_problem["y"][split]))
+    solve_refused(tmp_path / "kernel", paths, tmp_path / "out", f"{split}_labels.npy: .*{message}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from snakemake.utils import validate
@@ -17,8 +18,10 @@ from snakemake_interface_common.exceptions import WorkflowError
 from test_profiles import dry_run_jobs
 
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
+from neural_kernels import resources
 from neural_kernels.data import load_meta
 from neural_kernels.seeds import derived_seed
+from neural_kernels.settings import KernelSpec, from_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
@@ -248,6 +251,17 @@ def test_default_run_prepares_and_whitens_digits(workdir):
             assert not (kernels / view / name / "shards").exists()  # temp, merged
             if name == "myrtle5_estimate":
                 seeds[view] = record["settings"]["seed"]
+            # the memory model counts the same rows (from the inputs' headers)
+            zca = workdir / "results/zca/digits"
+            indices = workdir / f"results/data/digits/subsets/{view}/train_indices.npy"
+            model = resources.kernel_rows(
+                zca / "train_images.npy",
+                {split: zca / f"{split}_images.npy" for split, _ in evals},
+                from_config(KernelSpec, record),
+                val=zca / "val_images.npy" if view == "full" else None,
+                train_indices=indices if view != "full" else None,
+            )
+            assert model == (rows, sum(size for _, size in evals)), (view, name)
     # every subset draws its own random networks: seeds derived from the subset seed
     assert seeds["full"] == 0
     assert [seeds[f"n200-seed{s}"] for s in (0, 1, 2)] == [derived_seed(0, s) for s in (0, 1, 2)]
@@ -301,6 +315,22 @@ def test_default_run_prepares_and_whitens_digits(workdir):
     assert (workdir / "results/benchmarks/report/report.tsv").exists()
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+    check_memory_requests(workdir, result.stdout + result.stderr)
+
+
+def check_memory_requests(workdir: Path, log: str) -> None:
+    """Every job of a run peaked (its benchmark's max_rss) below the memory it asked a
+    cluster for (neural_kernels.resources, printed when the job started)."""
+    asked = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", log):
+        bench = re.search(r"^    benchmark: (\S+)", block, flags=re.M)
+        mem = re.search(r"^    resources: .*\bmem_mb=(\d+)", block, flags=re.M)
+        if bench and mem:
+            asked[bench.group(1)] = int(mem.group(1))
+    assert len(asked) > 90, len(asked)  # every job of the default run but 'all'
+    for path, mem_mb in asked.items():
+        peak = pd.read_csv(workdir / path, sep="\t")["max_rss"].max()
+        assert mem_mb >= 2000 and peak <= mem_mb, (path, peak, mem_mb)
 
 
 def md5_of(path: Path) -> str:

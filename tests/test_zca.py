@@ -269,7 +269,7 @@ def test_apply_to_images_of_another_shape():
         zca_apply(t, decaying_images(n=5, shape=(4, 4, 1)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_gpu_matches_cpu():
     images = decaying_images()
     cpu = zca_fit(images, ZcaSettings(solver="randomized", rank=12, dtype="float64"))

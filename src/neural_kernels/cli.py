@@ -294,7 +294,7 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
     from neural_kernels.device import device_name, resolve_device
     from neural_kernels.kernels.analytic import analytic_kernel
     from neural_kernels.kernels.estimate import estimate_kernel
-    from neural_kernels.kernels.stage import ImageRows, crop_maker
+    from neural_kernels.kernels.stage import ImageRows, check_finite_blocks, crop_maker
     from neural_kernels.outputs import staged_directory
 
     spec, settings = from_arguments(KernelSpec, args), _method_settings(args)
@@ -321,6 +321,7 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
         kernel = estimate_kernel(spec.network(), images, images2, settings, device=device)
     seconds = time.perf_counter() - started
     out = Path(args.out)
+    check_finite_blocks({out.stem: kernel}, out.parent)
     with staged_directory(out.parent) as stage:
         np.save(stage / out.name, kernel.astype(np.float64))
     shape = list(kernel.shape)

@@ -8,11 +8,33 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Remove the scratch directories for ``out_dir`` whose process, on this host, is
+    gone (named ``.<out_dir name>.partial-<host>-<pid>-<random>``)."""
+    host = socket.gethostname()
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-{host}-*"):
+        pid = stale.name.removeprefix(f".{out_dir.name}.partial-{host}-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -22,10 +44,13 @@ def staged_directory(out_dir: Path, last: str | None = None) -> Iterator[Path]:
     Files are moved with ``os.replace`` (atomic per file), the file named ``last``
     after all others, so a reader that sees ``last`` sees a complete directory (an old
     ``last`` is removed first). On any error the scratch directory is removed and the
-    files already in ``out_dir`` are left as they were.
+    files already in ``out_dir`` are left as they were. The scratch directories that
+    killed runs (``kill -9``) on this host left for ``out_dir`` are removed first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    _remove_stale_stages(out_dir)
+    prefix = f".{out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-"
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
     try:
         yield stage
         if last is not None:

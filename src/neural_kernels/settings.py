@@ -219,6 +219,17 @@ def command_line(cls: type, values: dict) -> str:
     return " ".join(options)
 
 
+def from_config(cls: type, values: dict) -> Any:
+    """An instance of ``cls`` from a config entry's values of its fields (other keys,
+    such as ``device``, are ignored; a missing or ``None`` field takes its default)."""
+    fields = dataclasses.fields(cls)
+    given = {f.name: values[f.name] for f in fields if values.get(f.name) is not None}
+    for field in fields:
+        if field.metadata.get("many") and field.name in given:
+            given[field.name] = tuple(given[field.name])
+    return cls(**given)
+
+
 def from_arguments(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     """An instance of ``cls`` from the parsed options (``given`` fields override)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}

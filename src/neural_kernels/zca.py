@@ -39,6 +39,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
+from neural_kernels.checks import check_finite
 from neural_kernels.data.rows import StackedRows
 from neural_kernels.device import (
     device_name,
@@ -534,6 +535,11 @@ def _whiten_file(
     out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=images.shape)
     zca_apply(
         transform, images, out=out, device=device, dtype=dtype, block_rows=block_rows, name=name
+    )
+    check_finite(
+        out,
+        f"the whitened {name}",
+        "the transform is not finite (eps 0 with a singular covariance?); nothing was written",
     )
     out.flush()
     del out

@@ -4,12 +4,12 @@
 # neural_kernels.settings (the package defines each once).
 
 import json
-import math
 import os
 
+from snakemake.common.tbdstring import TBDString
 from snakemake.utils import validate
 
-from neural_kernels import layout
+from neural_kernels import layout, resources
 from neural_kernels.data.prepared import (
     REFIT_SPLITS,
     SPLITS,
@@ -38,6 +38,7 @@ from neural_kernels.settings import (
     TrainSettings,
     ZcaSettings,
     command_line,
+    from_config,
 )
 
 validate(config, "../schemas/config.schema.yaml")
@@ -375,7 +376,8 @@ def report_inputs():
 
 # What a job asks a cluster for (workflow/profiles/slurm). A local run is limited by
 # --cores only (and by --resources, e.g. gpu=1 in workflow/profiles/local): mem_mb,
-# runtime and gpu do not stop a laptop without a GPU, where device 'auto' is the CPU.
+# runtime and gpu do not stop a laptop. Memory comes from neural_kernels.resources,
+# evaluated when the job is ready (its inputs exist), floored by resources.min_mem_mb.
 
 
 def job_device(wildcards):
@@ -390,8 +392,10 @@ def job_device(wildcards):
 
 
 def job_gpus(wildcards):
-    """GPUs of a GPU-capable job: 1 (the CPU runs it where none is present), 0 on 'cpu'."""
-    return 0 if job_device(wildcards) == "cpu" else 1
+    """GPUs of a GPU-capable job: 1 on device cuda, and on auto where the machines have
+    GPUs (config 'gpus'); 0 otherwise."""
+    device = job_device(wildcards)
+    return int(device.startswith("cuda") or (device == "auto" and config["gpus"]))
 
 
 def job_threads(wildcards):
@@ -399,6 +403,81 @@ def job_threads(wildcards):
     return config["threads"]["gpu_job" if job_gpus(wildcards) else "cpu_job"]
 
 
-def solve_mem_mb(wildcards, input):
-    """Host memory of a solve: 4x its kernel files (kernel, eigenvectors, workspace)."""
-    return max(16000, math.ceil(4 * input.size_mb))
+def job_runtime(stage):
+    """The time limit (minutes) of a stage's jobs: config resources.runtime."""
+    return config["resources"]["runtime"][stage]
+
+
+def job_mem_mb(stage, estimate):
+    """The memory (MB) of a stage's jobs: config resources.mem_mb[stage] when set, else
+    ``estimate(wildcards, input)`` (neural_kernels.resources), at least min_mem_mb."""
+    cfg = config["resources"]
+
+    def mem_mb(wildcards, input):
+        if stage in cfg["mem_mb"]:
+            return cfg["mem_mb"][stage]
+        if not all(map(os.path.exists, input)):
+            # a dry run's <TBD>: snakemake evaluates it again once the inputs exist
+            return TBDString()
+        return max(cfg["min_mem_mb"], estimate(wildcards, input))
+
+    return mem_mb
+
+
+def small_job(wildcards, input):
+    """A job that reads small files only (subsets, the report): the floor."""
+    return 0
+
+
+def prepare_estimate(wildcards, input):
+    archive = sum(os.path.getsize(path) for path in input)
+    return resources.prepare_mem_mb(archive)
+
+
+def zca_estimate(wildcards, input):
+    cfg = from_config(ZcaSettings, zca_settings(wildcards.dataset))
+    return resources.zca_mem_mb(input, len(REFIT_SPLITS), cfg)
+
+
+def kernel_rows(wildcards, input):
+    """(fitted rows, eval rows) of a kernel job, from its inputs' .npy headers."""
+    fitted = fits_val(wildcards.view)
+    splits = layout.eval_splits(fitted, has_crops(wildcards.kernel))
+    return resources.kernel_rows(
+        input.train,
+        {split: input[split] for split in splits},
+        from_config(KernelSpec, KERNELS[wildcards.kernel]),
+        val=input.val if fitted else None,
+        train_indices=input.get("indices"),
+    )
+
+
+def estimate_shard_estimate(wildcards, input):
+    cfg = KERNELS[wildcards.kernel]
+    image_shape = resources.npy_shape(input.train)[1:]
+    if cfg["crop"] is not None:
+        image_shape = (cfg["crop"], cfg["crop"])
+    settings = from_config(EstimateSettings, {**cfg, "precision": None})
+    on_gpu = bool(job_gpus(wildcards))
+    rows = kernel_rows(wildcards, input)
+    return resources.estimate_mem_mb(*rows, image_shape, settings, on_gpu=on_gpu)
+
+
+def merge_estimate(wildcards, input):
+    shards = KERNELS[wildcards.kernel]["shards"]
+    return resources.merge_mem_mb(sum(map(os.path.getsize, input)), shards)
+
+
+def analytic_estimate(wildcards, input):
+    return resources.analytic_mem_mb(*kernel_rows(wildcards, input))
+
+
+def solve_estimate(wildcards, input):
+    return resources.solve_mem_mb(sum(map(os.path.getsize, input.kernel)))
+
+
+def train_estimate(wildcards, input):
+    images = [path for path in input if path.endswith("_images.npy")]
+    batch_size = NETWORKS[wildcards.network]["batch_size"]
+    on_gpu = bool(job_gpus(wildcards))
+    return resources.train_mem_mb(images, batch_size, on_gpu=on_gpu)

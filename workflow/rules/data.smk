@@ -43,8 +43,8 @@ rule prepare_dataset:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=180,
+        mem_mb=job_mem_mb("prepare_dataset", prepare_estimate),
+        runtime=job_runtime("prepare_dataset"),
     params:
         args=prepare_args,
         out=output_dir,
@@ -65,8 +65,8 @@ rule subset:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=job_mem_mb("subset", small_job),
+        runtime=job_runtime("subset"),
     params:
         data=input_dir,
         out=output_dir,

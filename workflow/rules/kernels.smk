@@ -24,8 +24,8 @@ rule kernel_estimate_shard:
         CONDA_ENV
     threads: job_threads
     resources:
-        mem_mb=32000,
-        runtime=480,
+        mem_mb=job_mem_mb("kernel_estimate_shard", estimate_shard_estimate),
+        runtime=job_runtime("kernel_estimate_shard"),
         gpu=job_gpus,
     params:
         args=estimate_args,
@@ -59,8 +59,8 @@ rule kernel_merge:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=32000,
-        runtime=240,
+        mem_mb=job_mem_mb("kernel_merge", merge_estimate),
+        runtime=job_runtime("kernel_merge"),
     params:
         shards=kernel_shard_dirs,
         out=output_dir,
@@ -93,8 +93,8 @@ rule kernel_analytic:
         CONDA_ENV
     threads: job_threads
     resources:
-        mem_mb=32000,
-        runtime=1440,
+        mem_mb=job_mem_mb("kernel_analytic", analytic_estimate),
+        runtime=job_runtime("kernel_analytic"),
         gpu=job_gpus,
     params:
         args=analytic_args,

@@ -16,8 +16,8 @@ rule train_network:
         CONDA_ENV
     threads: job_threads
     resources:
-        mem_mb=32000,
-        runtime=720,
+        mem_mb=job_mem_mb("train_network", train_estimate),
+        runtime=job_runtime("train_network"),
         gpu=job_gpus,
     params:
         args=network_args,

@@ -18,8 +18,8 @@ rule report:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=job_mem_mb("report", small_job),
+        runtime=job_runtime("report"),
     params:
         config=json.dumps(config, sort_keys=True),
         templates=lambda wildcards, input: os.path.dirname(input.templates[0]),

@@ -15,8 +15,8 @@ rule solve:
         CONDA_ENV
     threads: job_threads
     resources:
-        mem_mb=solve_mem_mb,
-        runtime=720,
+        mem_mb=job_mem_mb("solve", solve_estimate),
+        runtime=job_runtime("solve"),
         gpu=job_gpus,
     params:
         args=solve_args,

@@ -14,8 +14,8 @@ rule zca_whiten:
         CONDA_ENV
     threads: job_threads
     resources:
-        mem_mb=32000,
-        runtime=240,
+        mem_mb=job_mem_mb("zca_whiten", zca_estimate),
+        runtime=job_runtime("zca_whiten"),
         gpu=job_gpus,
     params:
         args=zca_args,

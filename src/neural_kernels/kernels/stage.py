@@ -35,6 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from neural_kernels.architectures import Project, Serial, myrtle
+from neural_kernels.checks import check_finite
 from neural_kernels.data.prepared import SPLITS
 from neural_kernels.data.rows import Crops, StackedRows, centre_crops, random_crops
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
@@ -54,6 +55,24 @@ log = logging.getLogger(__name__)
 SPEC_KEYS = tuple(field.name for field in dataclasses.fields(KernelSpec))
 #: The default of :func:`analytic_files` (frozen, so one instance serves every call).
 DEFAULT_ANALYTIC = AnalyticSettings()
+
+
+#: Why a kernel stage refuses images with NaN or infinite values.
+NONFINITE_IMAGES = (
+    "every kernel entry of these images would be NaN; check the prepared images and "
+    "rerun zca (which rejects NaN in its input)"
+)
+#: Why a kernel stage refuses to commit a NaN or infinite result of finite images.
+NONFINITE_RESULT = (
+    "the computed kernel is not finite although its images are (an overflow: a "
+    "kernel of huge inputs, or a bug); nothing was written"
+)
+
+
+def check_finite_blocks(blocks: Mapping[str, NDArray], where: Path) -> None:
+    """Every computed block (``<where>/<name>.npy``) is finite, before it is committed."""
+    for name, block in blocks.items():
+        check_finite(block, f"{where / name}.npy (computed)", NONFINITE_RESULT)
 
 
 #: Makes the crops of ``count`` images of ``height x width``
@@ -90,6 +109,7 @@ class ImageRows:
             indices.min(initial=0) < 0 or indices.max(initial=0) >= len(self.base)
         ):
             raise DataError(f"indices out of range for {path} ({len(self.base)} images)")
+        check_finite(self.base, str(path), NONFINITE_IMAGES, indices)
         self.path, self.indices, self.flips = path, indices, flips
         self.count = len(self.base) if indices is None else len(indices)
         self.crops = None if crop is None else crop(self.count, *self.base.shape[1:3])
@@ -319,6 +339,7 @@ def estimate_shard(
             out_evals=out_evals,
             progress=progress,
         )
+        check_finite_blocks({"train": out_train, **out_evals}, Path(out_dir))
         for name in eval_rows:
             np.save(stage / f"{name}_sqnorm.npy", sums[f"{name}_sqnorm"])
         out_train.flush()
@@ -384,6 +405,13 @@ def _add_sums(
     for name in names:
         shape = (n if name == "train" else inputs[name]["rows"], n)
         parts = [np.load(Path(d) / f"{name}.npy", mmap_mode="r") for d in shard_dirs]
+        for shard_dir, part in zip(shard_dirs, parts, strict=True):
+            if part.shape != shape:
+                raise DataError(
+                    f"{Path(shard_dir) / name}.npy has shape {part.shape} but its "
+                    f"{SHARD_META} gives {shape}; the shard is damaged or from another "
+                    "run: delete it and rerun its kernel-shard job"
+                )
         out = np.lib.format.open_memmap(
             stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=shape
         )
@@ -448,6 +476,7 @@ def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) 
     with staged_directory(Path(out_dir), last=KERNEL_META) as stage:
         outs = _add_sums(stage, shard_dirs, first["inputs"], ["train", *evals], block_rows)
         _project_sums(outs, shard_dirs, final, block_rows)
+        check_finite_blocks(outs, Path(out_dir))
         record = _merged_record(metas, started)
         write_json(stage / KERNEL_META, record)
     return record
@@ -585,5 +614,7 @@ def analytic_files(
         pairs_per_second=pairs / max(time.perf_counter() - started, 1e-9),
         **peak_memory_mb(run_device),
     )
-    _move_in(out_dir, scratch, ["train", *eval_rows], record)
+    names = ["train", *eval_rows]
+    check_finite_blocks({n: np.load(scratch / f"{n}.npy", mmap_mode="r") for n in names}, out_dir)
+    _move_in(out_dir, scratch, names, record)
     return record

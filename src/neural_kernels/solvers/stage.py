@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from neural_kernels.checks import check_finite, check_labels, check_symmetric
 from neural_kernels.data.prepared import REFIT_SPLITS
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
@@ -134,7 +135,27 @@ def _read_labels(labels: Mapping[str, Path]) -> dict[str, NDArray]:
     missing = [split for split in SPLITS if split not in labels]
     if missing:
         raise NeuralKernelsError(f"labels missing for split(s) {', '.join(missing)}")
-    return {split: _load_npy(Path(labels[split])).astype(np.int64) for split in SPLITS}
+    ys = {split: _load_npy(Path(labels[split])) for split in SPLITS}
+    check_labels(ys["train"], str(labels["train"]))
+    num_classes = int(ys["train"].max(initial=0)) + 1
+    for split in SPLITS[1:]:
+        check_labels(ys[split], str(labels[split]), num_classes)
+    return {split: y.astype(np.int64) for split, y in ys.items()}
+
+
+#: Why the solve refuses a kernel with NaN or infinite entries.
+NONFINITE_KERNEL = (
+    "the solvers would return NaN scores (or quietly wrong ones); recompute the kernel "
+    "(the kernel stages reject non-finite images and results, so it was damaged or made "
+    "elsewhere)"
+)
+
+
+def _check_blocks(blocks: Mapping[str, NDArray], kernel_dir: Path) -> None:
+    """Every block is finite and the fitted block symmetric, scanned in row blocks."""
+    for name, block in blocks.items():
+        check_finite(block, str(kernel_dir / f"{name}.npy"), NONFINITE_KERNEL)
+    check_symmetric(blocks["train"], str(kernel_dir / "train.npy"))
 
 
 def _check_segments(layout: list[dict], ys: dict[str, NDArray], kernel_dir: Path) -> None:
@@ -212,6 +233,7 @@ def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
     fitted = [segment["split"] for segment in layout]
     row_labels = np.concatenate([ys[segment["split"]] for segment in layout])
     blocks = _read_blocks(kernel_dir, record, ys, len(row_labels))
+    _check_blocks(blocks, kernel_dir)
     if "val" in fitted:
         selection, refit = _refit_fits(blocks, layout, ys, row_labels)
     else:
@@ -224,7 +246,7 @@ def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
             splits=("train",),
         )
         refit = None
-    num_classes = int(max(y.max(initial=0) for y in ys.values())) + 1
+    num_classes = int(ys["train"].max(initial=0)) + 1
     images = {split: len(ys[split]) for split in SPLITS}
     return Problem(record, selection, refit, num_classes, images)
 
@@ -422,6 +444,13 @@ def _write_outputs(
     out_dir: Path, kept: dict[str, NDArray], eval_labels: dict[str, NDArray], result: dict
 ) -> None:
     """predictions.npz and metrics.json (last), all or nothing."""
+    for split, scores in kept.items():
+        check_finite(
+            scores,
+            f"{out_dir}: the selected candidate's {split} scores",
+            "the solver diverged (an eta t or lambda too extreme for this kernel?); "
+            "nothing was written",
+        )
     with staged_directory(out_dir, last=METRICS) as stage:
         np.savez(
             stage / PREDICTIONS,

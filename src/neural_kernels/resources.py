@@ -1,0 +1,154 @@
+"""Host memory that a workflow job asks a cluster for, sized by its inputs and settings.
+
+The workflow's rules (``workflow/rules/common.smk``) call these when a job is ready to
+run, so the input files exist: every estimate reads ``.npy`` headers and file sizes,
+never the data. Each is an upper bound of the job's peak resident memory in MiB (what
+``sbatch --mem`` means by MB): :data:`BASE_BYTES` for the interpreter and its
+libraries, plus what the job holds, counting memory-mapped outputs as resident (they
+are, while dirty). A workflow floor (config ``resources.min_mem_mb``) and per-stage
+overrides (``resources.mem_mb``) apply on top, in the workflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from neural_kernels.errors import DataError
+from neural_kernels.settings import EstimateSettings, KernelSpec, ZcaSettings
+
+MIB = 1 << 20
+#: Python, NumPy, torch and their libraries: the digits jobs of the default run peak
+#: at 0.7-1.1 GiB (their benchmark files' max_rss), almost all of it this.
+BASE_BYTES = 1536 * MIB
+#: ``zca_fit``'s ``solver="auto"`` threshold (zca.AUTO_EXACT_MAX_FEATURES, not
+#: imported: that module imports torch, and snakemake calls these functions).
+ZCA_EXACT_MAX_FEATURES = 4096
+#: zca.BLOCK_BYTES: the fit streams float32 row blocks of about this size.
+ZCA_BLOCK_BYTES = 1 << 28
+#: zca.RESIDENT_BYTES: rows up to this size stay in memory between passes.
+ZCA_RESIDENT_BYTES = 1 << 30
+#: Workspace of an analytic kernel's blocks (auto_block_size keeps a block's
+#: covariances within the CPU cache or a fraction of the GPU's memory).
+ANALYTIC_WORKSPACE_BYTES = 1 << 30
+#: Activations a training step keeps for the backward pass, in float32 values per
+#: input value (about ResNet18's at 224 x 224; the Myrtle networks keep fewer).
+TRAIN_ACTIVATIONS_PER_INPUT = 400
+#: Decoded images per archive byte (JPEG archives decode to about 10x their size),
+#: with room for the prepared copies.
+PREPARE_BYTES_PER_ARCHIVE_BYTE = 16
+
+
+def npy_shape(path: Path | str) -> tuple[int, ...]:
+    """The shape of a ``.npy`` array (memory-mapped: only its header is read)."""
+    try:
+        return tuple(np.load(path, mmap_mode="r").shape)
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read {path} as a .npy array ({error})") from None
+
+
+def _mib(n_bytes: float) -> int:
+    return math.ceil((BASE_BYTES + n_bytes) / MIB)
+
+
+def zca_mem_mb(image_files: Iterable[Path | str], fit_on: int, settings: ZcaSettings) -> int:
+    """ZCA whitening: the float64 spectrum (exact: three ``P x P`` matrices, the
+    covariance, its eigenvectors and the whitening matrix; randomized: four
+    ``P x (k + oversample)``), the streamed row blocks, the fitted rows when small
+    enough to stay resident, and one whitened split (float32) at a time."""
+    shapes = [npy_shape(path) for path in image_files]
+    p = math.prod(shapes[0][1:])
+    n_fit = sum(shape[0] for shape in shapes[:fit_on]) * (2 if settings.flips else 1)
+    exact = settings.solver == "exact" or (
+        settings.solver == "auto" and p <= ZCA_EXACT_MAX_FEATURES
+    )
+    rank = settings.rank or min(n_fit, p)
+    spectrum = 8 * (3 * p * p if exact else 4 * p * (rank + settings.oversample))
+    resident = 4 * n_fit * p if 4 * n_fit * p <= ZCA_RESIDENT_BYTES else 0
+    largest_split = 4 * max(math.prod(shape) for shape in shapes)
+    return _mib(spectrum + 3 * ZCA_BLOCK_BYTES + resident + largest_split)
+
+
+def kernel_rows(
+    train: Path | str,
+    evals: Mapping[str, Path | str],
+    spec: KernelSpec,
+    *,
+    val: Path | str | None = None,
+    train_indices: Path | str | None = None,
+) -> tuple[int, int]:
+    """(fitted rows, eval rows) of a kernel stage (the layout of
+    :mod:`neural_kernels.kernels.stage`): the train images (or the subset's) and, when
+    fitted, the val images, times the crops' copies and the mirrors; the eval splits'
+    rows, plus val's centre crops when val is fitted and cropped."""
+    fitted = npy_shape(train_indices)[0] if train_indices else npy_shape(train)[0]
+    if val is not None:
+        fitted += npy_shape(val)[0]
+    fitted *= (spec.copies if spec.crop is not None else 1) * (2 if spec.flips else 1)
+    eval_paths = dict(evals)
+    if spec.crop is not None and val is not None:
+        eval_paths.setdefault("val", val)
+    return fitted, sum(npy_shape(path)[0] for path in eval_paths.values())
+
+
+def kernel_bytes(fitted_rows: int, eval_rows: int) -> int:
+    """Bytes of a kernel's float64 blocks: ``N x N`` fitted and ``M x N`` eval."""
+    return 8 * fitted_rows * (fitted_rows + eval_rows)
+
+
+def estimate_mem_mb(
+    fitted_rows: int,
+    eval_rows: int,
+    image_shape: tuple[int, ...],
+    settings: EstimateSettings,
+    *,
+    on_gpu: bool,
+) -> int:
+    """An estimate shard: its float64 sums (memory-mapped, all of them) and, on the CPU,
+    three activation tensors of ``chunk_networks x width x batch_size`` images (on a GPU
+    the activations live in GPU memory)."""
+    height, width = image_shape[:2]
+    activations = 0
+    if not on_gpu:
+        per_tensor = settings.chunk_networks * settings.width * settings.batch_size
+        activations = 3 * 4 * per_tensor * height * width
+    return _mib(kernel_bytes(fitted_rows, eval_rows) + activations)
+
+
+def analytic_mem_mb(fitted_rows: int, eval_rows: int) -> int:
+    """An analytic kernel: its float64 blocks (memory-mapped) and a block's workspace."""
+    return _mib(kernel_bytes(fitted_rows, eval_rows) + ANALYTIC_WORKSPACE_BYTES)
+
+
+def merge_mem_mb(shard_bytes: int, shards: int) -> int:
+    """Merging shards: the merged kernel (memory-mapped) and one shard's row block in
+    flight; a shard's files are ``shard_bytes / shards`` each."""
+    one = shard_bytes / max(shards, 1)
+    return _mib(2 * one)
+
+
+def solve_mem_mb(kernel_file_bytes: int) -> int:
+    """A solve: four times its kernel's files (the fitted block, its eigenvectors, a
+    float64 workspace of the same size, the eval rows)."""
+    return _mib(4 * kernel_file_bytes)
+
+
+def train_mem_mb(image_files: Iterable[Path | str], batch_size: int, *, on_gpu: bool) -> int:
+    """Training a network: every split as float32 (the images are held in memory) and,
+    on the CPU, a batch's activations kept for the backward pass."""
+    shapes = [npy_shape(path) for path in image_files]
+    images = 4 * sum(math.prod(shape) for shape in shapes)
+    activations = 0
+    if not on_gpu:
+        per_image = math.prod(shapes[0][1:])
+        activations = 4 * TRAIN_ACTIVATIONS_PER_INPUT * batch_size * per_image
+    return _mib(images + activations)
+
+
+def prepare_mem_mb(archive_bytes: int) -> int:
+    """Preparing a dataset from an archive: the decoded images and their prepared
+    copies (the bundled digits have no archive)."""
+    return _mib(PREPARE_BYTES_PER_ARCHIVE_BYTE * archive_bytes)

@@ -1,0 +1,156 @@
+"""A real one-node SLURM cluster for the tests, from Debian's packages (slurm-wlm, munge).
+
+``.ci/run`` installs the packages; :func:`single_node_cluster` writes a one-node
+``slurm.conf`` (no cgroups, no accounting, ``MinJobAge`` of 10 minutes so that
+``squeue`` still shows finished jobs), starts ``munged``, ``slurmctld`` and ``slurmd``
+as plain background daemons (no systemd) and stops them by PID. The configuration goes
+to ``/etc/slurm/slurm.conf``, where the commands inside a job find it (the slurm
+executor's job step drops ``SLURM_CONF`` from the environment): never over a
+configuration that this module did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+CONF = Path("/etc/slurm/slurm.conf")
+MARKER = "# written by tests/slurm_cluster.py"
+DAEMONS = ("munged", "slurmctld", "slurmd")
+COMMANDS = (*DAEMONS, "sbatch", "squeue", "sinfo", "srun")
+
+
+def unavailable() -> str | None:
+    """Why a cluster cannot be started here (None: it can)."""
+    if os.geteuid() != 0:
+        return "the SLURM daemons run as root here (not root)"
+    missing = [name for name in COMMANDS if shutil.which(name) is None]
+    if missing:
+        return (
+            f"SLURM is not installed ({', '.join(missing)} missing): "
+            "apt-get install slurmctld slurmd slurm-client munge (.ci/run does)"
+        )
+    if CONF.exists() and MARKER not in CONF.read_text():
+        return f"{CONF} exists (a real cluster's?); not replacing it"
+    if not Path("/etc/munge/munge.key").exists():
+        return "no munge key (/etc/munge/munge.key; the munge package creates it)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def slurm_conf(root: Path, cpus: int, mem_mb: int) -> str:
+    """One node (this host) with ``cpus`` cores and ``mem_mb`` of memory, one partition."""
+    host = socket.gethostname()
+    ctld_port, node_port = _free_port(), _free_port()
+    return f"""{MARKER}
+ClusterName=nktest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.socket
+CryptoType=crypto/munge
+MpiDefault=none
+SlurmctldPort={ctld_port}
+SlurmdPort={node_port}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=600
+ReturnToService=2
+SchedulerType=sched/backfill
+NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _wait_idle(root: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        result = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False
+        )
+        state = result.stdout.strip()
+        if state == "idle":
+            return
+        time.sleep(0.5)
+    logs = "\n".join(
+        (root / name).read_text()[-2000:] for name in ("slurmctld.log", "slurmd.log")
+        if (root / name).exists()
+    )  # fmt: skip
+    raise RuntimeError(f"the SLURM node did not become idle (state {state!r}):\n{logs}")
+
+
+@contextlib.contextmanager
+def single_node_cluster(root: Path, cpus: int = 2, mem_mb: int = 16000) -> Iterator[Path]:
+    """Run a one-node cluster with its state in ``root`` until the block ends."""
+    for name in ("state", "spool"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    CONF.parent.mkdir(parents=True, exist_ok=True)
+    CONF.write_text(slurm_conf(root, cpus, mem_mb))
+    pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
+    try:
+        subprocess.run(
+            [
+                "munged", "--force", f"--socket={root}/munge.socket",
+                f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log",
+                f"--seed-file={root}/munged.seed",
+            ],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        subprocess.run(["slurmctld", "-c"], check=True, capture_output=True, text=True)
+        subprocess.run(["slurmd"], check=True, capture_output=True, text=True)
+        _wait_idle(root)
+        yield root
+    finally:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True, check=False)
+        _stop([pid for path in reversed(pid_files) if (pid := _pid(path)) is not None])
+        if CONF.exists() and MARKER in CONF.read_text():
+            CONF.unlink()
