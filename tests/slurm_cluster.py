@@ -50,8 +50,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def machine_mem_mb() -> int:
+    """This machine's memory in MB (slurmd drains a node that claims more than it has)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
 def slurm_conf(root: Path, cpus: int, mem_mb: int) -> str:
-    """One node (this host) with ``cpus`` cores and ``mem_mb`` of memory, one partition."""
+    """One node (this host) with ``cpus`` cores and ``mem_mb`` of memory (at most the
+    machine's, less 256 MB), one partition."""
+    mem_mb = min(mem_mb, machine_mem_mb() - 256)
     host = socket.gethostname()
     ctld_port, node_port = _free_port(), _free_port()
     return f"""{MARKER}

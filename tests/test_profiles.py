@@ -365,8 +365,9 @@ def test_slurm_profile_settings_are_validated_by_the_plugin(workdir, setting, me
 
 @pytest.mark.workflow
 def test_no_job_asks_for_a_gpu_where_the_config_says_there_are_none(workdir):
-    """'gpus: false' (config/config.yaml's default; --config gpus=False for the thesis
-    config on a CPU-only cluster): device auto asks for no GPU and the CPU's cores."""
+    """'gpus: false' (--config gpus=False for the thesis config on a CPU-only cluster;
+    'auto', the default, on this machine without an NVIDIA GPU): device auto asks for
+    no GPU and the CPU's cores; 'gpus: true' for a GPU and the GPU job's cores."""
     runs = {
         "default": snakemake(workdir, "-n", "--profile", SLURM),
         "thesis": snakemake(
@@ -380,6 +381,10 @@ def test_no_job_asks_for_a_gpu_where_the_config_says_there_are_none(workdir):
         assert jobs and {job["resources"]["gpu"] for job in jobs} == {"0"}, name
         threads = {job["threads"] for job in jobs}
         assert threads == ({1} if name == "default" else {32}), (name, threads)
+    result = snakemake(workdir, "-n", "--profile", SLURM, "--config", "gpus=True")
+    assert result.returncode == 0, result.stderr
+    jobs = [job for job in dry_run_jobs(result.stdout) if job["rule"] in GPU_RULES]
+    assert {job["resources"]["gpu"] for job in jobs} == {"1"}
     # device cuda asks for one all the same
     config = yaml.safe_load((workdir / "config/config.yaml").read_text())
     config["kernels"]["myrtle7_analytic"]["device"] = "cuda"

@@ -61,46 +61,69 @@ def test_kernel_rows_follow_the_stage_layout(tmp_path, cifar):
     assert subset == (1280, 15_000)
 
 
-def test_kernel_memory_is_its_float64_blocks_at_the_thesis_sizes():
-    # T3's CIFAR-10 Myrtle10 analytic kernel: 50000 fitted rows, 10000 test rows
+def test_kernel_memory_at_the_thesis_sizes():
+    # T3's CIFAR-10 Myrtle10 kernel: 50000 fitted rows, 10000 test rows, 24 GB of blocks
     blocks = 8 * 50_000 * 60_000
     assert resources.kernel_bytes(50_000, 10_000) == blocks
-    want = (BASE_BYTES + blocks + resources.ANALYTIC_WORKSPACE_BYTES) / MIB
-    assert resources.analytic_mem_mb(50_000, 10_000) == int(np.ceil(want))
-    assert 24_000 < resources.analytic_mem_mb(50_000, 10_000) < 26_000
-    # an estimate shard on a GPU holds its sums only; on the CPU three activations too
+    mapped = resources.MAPPED_BYTES  # 8 GiB: the memory maps' written-back pages
+    workspace = resources.ANALYTIC_WORKSPACE_BYTES
+    assert resources.analytic_mem_mb(50_000, 10_000) == mib(mapped + workspace)
+    # a configured block size: eight float64 B^2 (HW)^2 covariances (B = 8: 4 GiB)
+    covariances = 8 * 8 * 8**2 * (32 * 32) ** 2
+    assert resources.analytic_mem_mb(50_000, 10_000, (32, 32), 8) == mib(mapped + covariances)
+    # an estimate shard on a GPU sums in GPU memory; on the CPU its float64 sums are in
+    # memory (one pass) beside the memory maps, with three activation tensors
     settings = EstimateSettings(width=64, networks=256, chunk_networks=16, batch_size=256)
     on_gpu = resources.estimate_mem_mb(50_000, 10_000, (32, 32), settings, on_gpu=True)
     on_cpu = resources.estimate_mem_mb(50_000, 10_000, (32, 32), settings, on_gpu=False)
-    assert on_gpu == resources.analytic_mem_mb(50_000, 10_000) - 1024
-    assert (on_cpu - on_gpu) * MIB == pytest.approx(3 * 4 * 16 * 64 * 256 * 32 * 32, abs=MIB)
-    # a solve holds four times its kernel files; a merge two shards' worth
-    assert resources.solve_mem_mb(blocks) == int(np.ceil((BASE_BYTES + 4 * blocks) / MIB))
-    assert resources.merge_mem_mb(4 * blocks, 4) == int(np.ceil((BASE_BYTES + 2 * blocks) / MIB))
+    assert on_gpu == mib(mapped)
+    activations = 3 * 4 * 16 * 64 * 256 * 32 * 32
+    assert on_cpu == mib(blocks + mapped + activations)
+    # a solve reads its kernel into memory: four times its files
+    assert resources.solve_mem_mb(blocks) == mib(4 * blocks)
+    # a merge: the merged memory map and one 4096-row block of each shard and the sum
+    assert resources.merge_mem_mb(blocks, 50_000, 4) == mib(mapped + 5 * 4096 * 50_000 * 8)
+
+
+def mib(n_bytes: float) -> int:
+    return int(np.ceil((BASE_BYTES + n_bytes) / MIB))
 
 
 def test_zca_memory_follows_the_solver(tmp_path, cifar):
     files = [cifar["train"], cifar["val"], cifar["test"]]
     exact = resources.zca_mem_mb(files, 2, ZcaSettings(solver="exact"))
     p = 32 * 32 * 3
-    # three P x P float64 matrices, three row blocks, the largest whitened split; the
-    # 50000 fitted rows (614 MB) stay resident, below zca.RESIDENT_BYTES
+    # three P x P float64 matrices, three row blocks, the 50000 fitted rows (614 MB,
+    # resident: below zca.RESIDENT_BYTES), the largest whitened split (memory-mapped)
     want = 3 * 8 * p * p + 3 * (1 << 28) + 4 * 50_000 * p + 4 * 45_000 * p
-    assert exact == int(np.ceil((BASE_BYTES + want) / MIB))
-    # ImageNet-R at 224 x 224: the randomized solver's P x (k + oversample), never P x P
+    assert exact == mib(want)
+    # ImageNet-R at 224 x 224: the randomized solver's P x (k + oversample) and
+    # N x (k + oversample) matrices, never P x P
     big = [sparse_npy(tmp_path / f"r{i}.npy", (n, 224, 224, 3)) for i, n in enumerate((900, 100))]
-    settings = ZcaSettings(solver="auto", rank=1000)
     p = 224 * 224 * 3
-    randomized = resources.zca_mem_mb(big, 2, settings)
-    want = 4 * 8 * p * 1010 + 3 * (1 << 28) + 4 * 1000 * p + 4 * 900 * p
-    assert randomized == int(np.ceil((BASE_BYTES + want) / MIB))
+    randomized = resources.zca_mem_mb(big, 2, ZcaSettings(solver="auto", rank=1000))
+    want = (4 * p + 2 * 1000) * 1010 * 8 + 3 * (1 << 28) + 4 * 1000 * p + 4 * 900 * p
+    assert randomized == mib(want)
 
 
-def test_training_memory_counts_every_split_and_cpu_activations(cifar):
-    files = list(cifar.values())
-    images = 4 * 60_000 * 32 * 32 * 3
-    on_gpu = resources.train_mem_mb(files, 128, on_gpu=True)
-    assert on_gpu == int(np.ceil((BASE_BYTES + images) / MIB))
-    on_cpu = resources.train_mem_mb(files, 128, on_gpu=False)
+def test_training_memory_counts_the_stored_images_and_cpu_activations(tmp_path):
+    files = [
+        sparse_npy(tmp_path / f"{split}.npy", (n, 32, 32, 3), np.uint8)
+        for split, n in (("train", 45_000), ("val", 5_000), ("test", 10_000))
+    ]
+    images = 60_000 * 32 * 32 * 3  # uint8, as networks.load_splits keeps them
+    assert resources.train_mem_mb(files, 128, on_gpu=True) == mib(images)
     activations = 4 * resources.TRAIN_ACTIVATIONS_PER_INPUT * 128 * 32 * 32 * 3
-    assert (on_cpu - on_gpu) * MIB == pytest.approx(activations, abs=MIB)
+    assert resources.train_mem_mb(files, 128, on_gpu=False) == mib(images + activations)
+
+
+def test_this_machine_has_no_gpu_unless_nvidia_smi_lists_one(monkeypatch, tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resources.machine_has_gpus()
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    assert not resources.machine_has_gpus()
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert not resources.machine_has_gpus()

@@ -15,7 +15,9 @@ from numpy.typing import NDArray
 
 from neural_kernels.errors import DataError
 
-#: Rows per scanned block (4096 rows of a 50000-column float64 kernel: 1.6 GB).
+#: Bytes per scanned row block (a memory map is read this much at a time).
+BLOCK_BYTES = 1 << 27
+#: Tile rows of the symmetry check (two 4096 x 4096 float64 tiles: 256 MiB).
 BLOCK_ROWS = 4096
 #: Largest ``|K - K^T|``, relative to the largest ``|K_ii|``, of a symmetric block:
 #: ours are symmetric to round-off (< 1e-15); a larger gap means mismatched pieces.
@@ -33,11 +35,14 @@ def _rows_text(rows: NDArray) -> str:
 
 
 def nonfinite_rows(
-    array: NDArray, indices: NDArray | None = None, block_rows: int = BLOCK_ROWS
+    array: NDArray, indices: NDArray | None = None, block_rows: int | None = None
 ) -> NDArray:
     """The rows of ``array`` (or of ``array[indices]``, given as indices into
-    ``array``) that hold a NaN or an infinity, scanned ``block_rows`` at a time."""
+    ``array``) that hold a NaN or an infinity, scanned ``block_rows`` at a time
+    (default: :data:`BLOCK_BYTES` worth)."""
     n = len(array) if indices is None else len(indices)
+    row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
+    block_rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
     bad = []
     for rows in _blocks(n, block_rows):
         block = np.asarray(array[rows] if indices is None else array[indices[rows]])
@@ -97,6 +102,6 @@ def check_labels(labels: NDArray, what: str, num_classes: int | None = None) -> 
         allowed = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
         raise DataError(
             f"{what}: {len(bad)} labels out of range {allowed} (rows {_rows_text(bad)}, "
-            f"values {sorted(set(labels[bad][:5].tolist()))}); the classes must be the "
-            "train split's: were the labels made from another dataset?"
+            f"values {sorted(set(labels[bad][:5].tolist()))}); the solvers predict the "
+            "train split's classes only: were the labels made from another dataset?"
         )

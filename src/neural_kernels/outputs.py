@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -19,10 +20,13 @@ log = logging.getLogger(__name__)
 def _remove_stale_stages(out_dir: Path) -> None:
     """Remove the scratch directories for ``out_dir`` whose process, on this host, is
     gone (named ``.<out_dir name>.partial-<host>-<pid>-<random>``)."""
-    host = socket.gethostname()
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-{host}-*"):
-        pid = stale.name.removeprefix(f".{out_dir.name}.partial-{host}-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    host, prefix = socket.gethostname(), f".{out_dir.name}.partial-"
+    for stale in out_dir.parent.glob(glob.escape(prefix) + "*"):
+        # <host>-<pid>-<random>: mkdtemp's random part has no '-', a host name may
+        parts = stale.name.removeprefix(prefix).rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if not _alive(int(parts[1])):
             log.info("removing %s, left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
 

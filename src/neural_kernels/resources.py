@@ -2,16 +2,20 @@
 
 The workflow's rules (``workflow/rules/common.smk``) call these when a job is ready to
 run, so the input files exist: every estimate reads ``.npy`` headers and file sizes,
-never the data. Each is an upper bound of the job's peak resident memory in MiB (what
+never the data. Each is an upper bound of the job's peak memory in MiB (what
 ``sbatch --mem`` means by MB): :data:`BASE_BYTES` for the interpreter and its
-libraries, plus what the job holds, counting memory-mapped outputs as resident (they
-are, while dirty). A workflow floor (config ``resources.min_mem_mb``) and per-stage
-overrides (``resources.mem_mb``) apply on top, in the workflow.
+libraries, plus what the job holds in memory, plus its memory-mapped outputs up to
+:data:`MAPPED_BYTES` (the page cache writes those back and reclaims them when a job
+nears its limit, so they need not fit). A workflow floor (config
+``resources.min_mem_mb``) and per-stage overrides (``resources.mem_mb``) apply on top,
+in the workflow.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -31,9 +35,14 @@ ZCA_EXACT_MAX_FEATURES = 4096
 ZCA_BLOCK_BYTES = 1 << 28
 #: zca.RESIDENT_BYTES: rows up to this size stay in memory between passes.
 ZCA_RESIDENT_BYTES = 1 << 30
-#: Workspace of an analytic kernel's blocks (auto_block_size keeps a block's
-#: covariances within the CPU cache or a fraction of the GPU's memory).
+#: A memory-mapped output counts up to this much: written pages that the kernel has
+#: not yet written back (reclaimable; Linux throttles a writer long before).
+MAPPED_BYTES = 8 << 30
+#: Workspace of an analytic kernel's blocks with the automatic block size (a block's
+#: covariances fit the CPU's cache, or live in GPU memory); a configured block size
+#: holds :data:`ANALYTIC_BLOCK_COPIES` float64 ``B^2 (H W)^2`` tensors at once.
 ANALYTIC_WORKSPACE_BYTES = 1 << 30
+ANALYTIC_BLOCK_COPIES = 8
 #: Activations a training step keeps for the backward pass, in float32 values per
 #: input value (about ResNet18's at 224 x 224; the Myrtle networks keep fewer).
 TRAIN_ACTIVATIONS_PER_INPUT = 400
@@ -54,11 +63,17 @@ def _mib(n_bytes: float) -> int:
     return math.ceil((BASE_BYTES + n_bytes) / MIB)
 
 
+def _mapped(n_bytes: float) -> float:
+    """What a memory-mapped output of ``n_bytes`` counts for (:data:`MAPPED_BYTES`)."""
+    return min(n_bytes, MAPPED_BYTES)
+
+
 def zca_mem_mb(image_files: Iterable[Path | str], fit_on: int, settings: ZcaSettings) -> int:
     """ZCA whitening: the float64 spectrum (exact: three ``P x P`` matrices, the
     covariance, its eigenvectors and the whitening matrix; randomized: four
-    ``P x (k + oversample)``), the streamed row blocks, the fitted rows when small
-    enough to stay resident, and one whitened split (float32) at a time."""
+    ``P x (k + oversample)`` and two ``N x (k + oversample)``), the streamed row blocks,
+    the fitted rows when small enough to stay resident, and one whitened split
+    (float32, memory-mapped) at a time."""
     shapes = [npy_shape(path) for path in image_files]
     p = math.prod(shapes[0][1:])
     n_fit = sum(shape[0] for shape in shapes[:fit_on]) * (2 if settings.flips else 1)
@@ -66,9 +81,10 @@ def zca_mem_mb(image_files: Iterable[Path | str], fit_on: int, settings: ZcaSett
         settings.solver == "auto" and p <= ZCA_EXACT_MAX_FEATURES
     )
     rank = settings.rank or min(n_fit, p)
-    spectrum = 8 * (3 * p * p if exact else 4 * p * (rank + settings.oversample))
+    columns = rank + settings.oversample
+    spectrum = 8 * (3 * p * p if exact else (4 * p + 2 * n_fit) * columns)
     resident = 4 * n_fit * p if 4 * n_fit * p <= ZCA_RESIDENT_BYTES else 0
-    largest_split = 4 * max(math.prod(shape) for shape in shapes)
+    largest_split = _mapped(4 * max(math.prod(shape) for shape in shapes))
     return _mib(spectrum + 3 * ZCA_BLOCK_BYTES + resident + largest_split)
 
 
@@ -107,43 +123,59 @@ def estimate_mem_mb(
     *,
     on_gpu: bool,
 ) -> int:
-    """An estimate shard: its float64 sums (memory-mapped, all of them) and, on the CPU,
-    three activation tensors of ``chunk_networks x width x batch_size`` images (on a GPU
-    the activations live in GPU memory)."""
+    """An estimate shard. On a GPU its float64 sums accumulate in GPU memory and go to
+    the memory-mapped outputs; on the CPU the sums themselves are in memory (one pass
+    over all tiles), with three activation tensors of ``chunk_networks x width x
+    batch_size`` images."""
+    blocks = kernel_bytes(fitted_rows, eval_rows)
+    if on_gpu:
+        return _mib(_mapped(blocks))
     height, width = image_shape[:2]
-    activations = 0
-    if not on_gpu:
-        per_tensor = settings.chunk_networks * settings.width * settings.batch_size
-        activations = 3 * 4 * per_tensor * height * width
-    return _mib(kernel_bytes(fitted_rows, eval_rows) + activations)
+    per_tensor = settings.chunk_networks * settings.width * settings.batch_size
+    return _mib(blocks + _mapped(blocks) + 3 * 4 * per_tensor * height * width)
 
 
-def analytic_mem_mb(fitted_rows: int, eval_rows: int) -> int:
-    """An analytic kernel: its float64 blocks (memory-mapped) and a block's workspace."""
-    return _mib(kernel_bytes(fitted_rows, eval_rows) + ANALYTIC_WORKSPACE_BYTES)
+def analytic_mem_mb(
+    fitted_rows: int,
+    eval_rows: int,
+    image_shape: tuple[int, ...] = (1, 1),
+    block_size: int | None = None,
+) -> int:
+    """An analytic kernel: its memory-mapped float64 blocks and a block's workspace
+    (:data:`ANALYTIC_WORKSPACE_BYTES`, or the copies of a configured block's
+    ``B^2 (H W)^2`` covariances)."""
+    workspace = ANALYTIC_WORKSPACE_BYTES
+    if block_size is not None:
+        pixels = image_shape[0] * image_shape[1]
+        covariances = ANALYTIC_BLOCK_COPIES * 8 * block_size**2 * pixels**2
+        workspace = max(workspace, covariances)
+    return _mib(_mapped(kernel_bytes(fitted_rows, eval_rows)) + workspace)
 
 
-def merge_mem_mb(shard_bytes: int, shards: int) -> int:
-    """Merging shards: the merged kernel (memory-mapped) and one shard's row block in
-    flight; a shard's files are ``shard_bytes / shards`` each."""
-    one = shard_bytes / max(shards, 1)
-    return _mib(2 * one)
+def merge_mem_mb(
+    kernel_file_bytes: int, fitted_rows: int, shards: int, block_rows: int = 4096
+) -> int:
+    """Merging shards: the merged kernel (memory-mapped) and, in flight, one row block
+    of ``block_rows`` float64 rows from every shard and their sum
+    (:func:`~neural_kernels.kernels.stage.merge_shards`)."""
+    in_flight = (shards + 1) * block_rows * fitted_rows * 8
+    return _mib(_mapped(kernel_file_bytes) + in_flight)
 
 
 def solve_mem_mb(kernel_file_bytes: int) -> int:
-    """A solve: four times its kernel's files (the fitted block, its eigenvectors, a
-    float64 workspace of the same size, the eval rows)."""
+    """A solve: four times its kernel's files (the fitted block read into memory, its
+    eigenvectors, a float64 workspace of the same size, the eval rows)."""
     return _mib(4 * kernel_file_bytes)
 
 
 def train_mem_mb(image_files: Iterable[Path | str], batch_size: int, *, on_gpu: bool) -> int:
-    """Training a network: every split as float32 (the images are held in memory) and,
-    on the CPU, a batch's activations kept for the backward pass."""
-    shapes = [npy_shape(path) for path in image_files]
-    images = 4 * sum(math.prod(shape) for shape in shapes)
+    """Training a network: every split's images as stored (uint8, held in memory) and,
+    on the CPU, a batch's float32 activations kept for the backward pass."""
+    paths = list(image_files)
+    images = sum(np.load(path, mmap_mode="r").nbytes for path in paths)
     activations = 0
     if not on_gpu:
-        per_image = math.prod(shapes[0][1:])
+        per_image = math.prod(npy_shape(paths[0])[1:])
         activations = 4 * TRAIN_ACTIVATIONS_PER_INPUT * batch_size * per_image
     return _mib(images + activations)
 
@@ -152,3 +184,17 @@ def prepare_mem_mb(archive_bytes: int) -> int:
     """Preparing a dataset from an archive: the decoded images and their prepared
     copies (the bundled digits have no archive)."""
     return _mib(PREPARE_BYTES_PER_ARCHIVE_BYTE * archive_bytes)
+
+
+def machine_has_gpus() -> bool:
+    """Whether this machine has an NVIDIA GPU (``nvidia-smi -L`` lists one): what the
+    workflow's ``gpus: auto`` asks (without importing torch into snakemake)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout

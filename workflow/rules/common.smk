@@ -391,11 +391,17 @@ def job_device(wildcards):
     return zca_settings(wildcards.dataset)["device"]
 
 
+# config 'gpus': whether the machines that run the jobs have GPUs ('auto': this one).
+GPUS = (
+    resources.machine_has_gpus() if config["gpus"] == "auto" else bool(config["gpus"])
+)
+
+
 def job_gpus(wildcards):
     """GPUs of a GPU-capable job: 1 on device cuda, and on auto where the machines have
     GPUs (config 'gpus'); 0 otherwise."""
     device = job_device(wildcards)
-    return int(device.startswith("cuda") or (device == "auto" and config["gpus"]))
+    return int(device.startswith("cuda") or (device == "auto" and GPUS))
 
 
 def job_threads(wildcards):
@@ -465,11 +471,19 @@ def estimate_shard_estimate(wildcards, input):
 
 def merge_estimate(wildcards, input):
     shards = KERNELS[wildcards.kernel]["shards"]
-    return resources.merge_mem_mb(sum(map(os.path.getsize, input)), shards)
+    train = [path for path in input if os.path.basename(path) == "train.npy"]
+    one_shard = sum(map(os.path.getsize, input)) / shards
+    fitted_rows = resources.npy_shape(train[0])[0]
+    return resources.merge_mem_mb(one_shard, fitted_rows, shards)
 
 
 def analytic_estimate(wildcards, input):
-    return resources.analytic_mem_mb(*kernel_rows(wildcards, input))
+    cfg = KERNELS[wildcards.kernel]
+    image_shape = resources.npy_shape(input.train)[1:]
+    if cfg["crop"] is not None:
+        image_shape = (cfg["crop"], cfg["crop"])
+    rows = kernel_rows(wildcards, input)
+    return resources.analytic_mem_mb(*rows, image_shape, cfg["block_size"])
 
 
 def solve_estimate(wildcards, input):
