@@ -27,6 +27,10 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 COMMANDS = (*DAEMONS, "sbatch", "squeue", "sinfo", "srun")
 
 
+class ClusterUnavailable(RuntimeError):
+    """The daemons did not start here (the message holds their logs)."""
+
+
 def unavailable() -> str | None:
     """Why a cluster cannot be started here (None: it can)."""
     if os.geteuid() != 0:
@@ -135,7 +139,7 @@ def _wait_idle(root: Path, timeout: float = 60) -> None:
         (root / name).read_text()[-2000:] for name in ("slurmctld.log", "slurmd.log")
         if (root / name).exists()
     )  # fmt: skip
-    raise RuntimeError(f"the SLURM node did not become idle (state {state!r}):\n{logs}")
+    raise ClusterUnavailable(f"the SLURM node did not become idle (state {state!r}):\n{logs}")
 
 
 @contextlib.contextmanager
@@ -147,16 +151,15 @@ def single_node_cluster(root: Path, cpus: int = 2, mem_mb: int = 16000) -> Itera
     CONF.write_text(slurm_conf(root, cpus, mem_mb))
     pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
     try:
-        subprocess.run(
-            [
-                "munged", "--force", f"--socket={root}/munge.socket",
-                f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log",
-                f"--seed-file={root}/munged.seed",
-            ],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        subprocess.run(["slurmctld", "-c"], check=True, capture_output=True, text=True)
-        subprocess.run(["slurmd"], check=True, capture_output=True, text=True)
+        munged = [
+            "munged", "--force", f"--socket={root}/munge.socket",
+            f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log",
+            f"--seed-file={root}/munged.seed",
+        ]  # fmt: skip
+        for command in (munged, ["slurmctld", "-c"], ["slurmd"]):
+            started = subprocess.run(command, capture_output=True, text=True, check=False)
+            if started.returncode != 0:
+                raise ClusterUnavailable(f"{command[0]} did not start: {started.stderr[-2000:]}")
         _wait_idle(root)
         yield root
     finally:

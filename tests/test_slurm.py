@@ -5,7 +5,7 @@ shard, its merge, a solve) goes through ``workflow/profiles/slurm`` on a CPU-onl
 of 2 cores and 16 GB with no accounting; its outputs must equal a local run's, bit for
 bit, and every sbatch job must have asked for what the node has: no GPU, memory within
 16 GB. Skipped, with the reason, where the daemons cannot start (not root, SLURM not
-installed, another cluster's configuration in /etc/slurm).
+installed, another cluster's configuration in /etc/slurm, daemons that do not start).
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ def test_the_slurm_profile_runs_the_default_config_on_a_cpu_only_cluster(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
 
     cluster = copy_workflow(_mkdir(tmp_path / "cluster"))
-    with slurm_cluster.single_node_cluster(_mkdir(tmp_path / "slurm"), mem_mb=NODE_MEM_MB):
-        result = snakemake(cluster, "--profile", SLURM, TARGET, env=CLUSTER_ENV)
-        log = result.stdout + result.stderr
-        assert result.returncode == 0, log[-5000:]
-        jobs = _sbatch_jobs()
+    try:
+        with slurm_cluster.single_node_cluster(_mkdir(tmp_path / "slurm"), mem_mb=NODE_MEM_MB):
+            result = snakemake(cluster, "--profile", SLURM, TARGET, env=CLUSTER_ENV)
+            jobs = _sbatch_jobs()
+    except slurm_cluster.ClusterUnavailable as error:
+        pytest.skip(f"the SLURM daemons cannot start here: {error}")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
 
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
     assert len(submitted) == 6, log[-3000:]
