@@ -91,10 +91,13 @@ def mib(n_bytes: float) -> int:
 
 def test_zca_memory_follows_the_solver(tmp_path, cifar):
     files = [cifar["train"], cifar["val"], cifar["test"]]
+    # solver auto: exact up to 4096 features, as zca_fit resolves it
+    assert ZcaSettings().solver_for(3072) == "exact"
+    assert ZcaSettings().solver_for(12288) == "randomized"
     exact = resources.zca_mem_mb(files, 2, ZcaSettings(solver="exact"))
     p = 32 * 32 * 3
     # three P x P float64 matrices, three row blocks, the 50000 fitted rows (614 MB,
-    # resident: below zca.RESIDENT_BYTES), the largest whitened split (memory-mapped)
+    # resident: below ZCA_RESIDENT_BYTES), the largest whitened split (memory-mapped)
     want = 3 * 8 * p * p + 3 * (1 << 28) + 4 * 50_000 * p + 4 * 45_000 * p
     assert exact == mib(want)
     # ImageNet-R at 224 x 224: the randomized solver's P x (k + oversample) and

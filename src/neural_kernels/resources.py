@@ -22,19 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from neural_kernels.errors import DataError
-from neural_kernels.settings import EstimateSettings, KernelSpec, ZcaSettings
+from neural_kernels.settings import (
+    ZCA_BLOCK_BYTES,
+    ZCA_RESIDENT_BYTES,
+    EstimateSettings,
+    KernelSpec,
+    ZcaSettings,
+)
 
 MIB = 1 << 20
 #: Python, NumPy, torch and their libraries: the digits jobs of the default run peak
 #: at 0.7-1.1 GiB (their benchmark files' max_rss), almost all of it this.
 BASE_BYTES = 1536 * MIB
-#: ``zca_fit``'s ``solver="auto"`` threshold (zca.AUTO_EXACT_MAX_FEATURES, not
-#: imported: that module imports torch, and snakemake calls these functions).
-ZCA_EXACT_MAX_FEATURES = 4096
-#: zca.BLOCK_BYTES: the fit streams float32 row blocks of about this size.
-ZCA_BLOCK_BYTES = 1 << 28
-#: zca.RESIDENT_BYTES: rows up to this size stay in memory between passes.
-ZCA_RESIDENT_BYTES = 1 << 30
 #: A memory-mapped output counts up to this much: written pages that the kernel has
 #: not yet written back (reclaimable; Linux throttles a writer long before).
 MAPPED_BYTES = 8 << 30
@@ -77,9 +76,7 @@ def zca_mem_mb(image_files: Iterable[Path | str], fit_on: int, settings: ZcaSett
     shapes = [npy_shape(path) for path in image_files]
     p = math.prod(shapes[0][1:])
     n_fit = sum(shape[0] for shape in shapes[:fit_on]) * (2 if settings.flips else 1)
-    exact = settings.solver == "exact" or (
-        settings.solver == "auto" and p <= ZCA_EXACT_MAX_FEATURES
-    )
+    exact = settings.solver_for(p) == "exact"
     rank = settings.rank or min(n_fit, p)
     columns = rank + settings.oversample
     spectrum = 8 * (3 * p * p if exact else (4 * p + 2 * n_fit) * columns)

@@ -283,6 +283,14 @@ class PrepareSettings(Checked):
 ZCA_VARIANTS = ("thesis", "shankar")
 ZCA_SOLVERS = ("exact", "randomized", "auto")
 ZCA_DTYPES = ("float32", "float64")
+#: ``solver="auto"`` uses the exact eigendecomposition up to this many features
+#: (a 4096 x 4096 float64 covariance is 128 MiB) and the randomized SVD above.
+ZCA_AUTO_EXACT_MAX_FEATURES = 4096
+#: ZCA's default row blocks hold about this many bytes (float32).
+ZCA_BLOCK_BYTES = 1 << 28
+#: Preprocessed rows up to this size stay on the device between the randomized
+#: solver's passes instead of being re-read from the (memory-mapped) input.
+ZCA_RESIDENT_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +325,12 @@ class ZcaSettings(Checked):
         "working precision of the streamed products (exact eigendecomposition: float64)",
         choices=ZCA_DTYPES,
     )
+
+    def solver_for(self, n_features: int) -> str:
+        """The solver that runs on ``n_features`` features (``auto`` resolved)."""
+        if self.solver != "auto":
+            return self.solver
+        return "exact" if n_features <= ZCA_AUTO_EXACT_MAX_FEATURES else "randomized"
 
     def fit_options(self) -> dict:
         """The fit's own options (what zca.json records as ``options``)."""

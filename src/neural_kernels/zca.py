@@ -51,19 +51,17 @@ from neural_kernels.device import (
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.layout import ZCA_META, ZCA_TRANSFORM
 from neural_kernels.outputs import staged_directory, write_json
-from neural_kernels.settings import ZCA_SOLVERS, ZCA_VARIANTS, ZcaSettings
+from neural_kernels.settings import (
+    ZCA_BLOCK_BYTES,
+    ZCA_RESIDENT_BYTES,
+    ZCA_SOLVERS,
+    ZCA_VARIANTS,
+    ZcaSettings,
+)
 
 #: ``eps`` of each variant unless told: the thesis's is added to singular values of
 #: [0, 1]-scaled pixels; Shankar et al.'s eigenvalue bias for CIFAR-10 is 1e-5.
 DEFAULT_EPS = {"thesis": 0.1, "shankar": 1e-5}
-#: ``solver="auto"`` uses the exact eigendecomposition up to this many features
-#: (a 4096 x 4096 float64 covariance is 128 MiB) and the randomized SVD above.
-AUTO_EXACT_MAX_FEATURES = 4096
-#: Default row-block size targets blocks of about this many bytes (float32).
-BLOCK_BYTES = 1 << 28
-#: Preprocessed rows up to this size stay on the device between the randomized
-#: solver's passes instead of being re-read from the (memory-mapped) input.
-RESIDENT_BYTES = 1 << 30
 #: The settings of :func:`zca_fit` unless told (frozen, so one instance serves all calls).
 DEFAULT_SETTINGS = ZcaSettings()
 
@@ -122,7 +120,7 @@ class ZCATransform:
 
 def default_block_rows(n_features: int) -> int:
     """Rows per block so that one float32 block is about 256 MiB."""
-    return max(1, BLOCK_BYTES // (4 * n_features))
+    return max(1, ZCA_BLOCK_BYTES // (4 * n_features))
 
 
 def _check_images(images: NDArray, name: str) -> tuple[int, int, int]:
@@ -185,7 +183,7 @@ class _FitPlan:
 
     ``n`` counts the images the fit sees (flips double them), ``p`` the features of
     one image; ``resident``: the preprocessed rows are kept on the device between the
-    randomized solver's passes (they fit in :data:`RESIDENT_BYTES`).
+    randomized solver's passes (they fit in :data:`ZCA_RESIDENT_BYTES`).
     """
 
     variant: str
@@ -250,9 +248,7 @@ def _plan_fit(
     image_shape = _check_images(images, name)
     n = len(images) * (2 if settings.flips else 1)
     p = math.prod(image_shape)
-    solver = settings.solver
-    if solver == "auto":
-        solver = "exact" if p <= AUTO_EXACT_MAX_FEATURES else "randomized"
+    solver = settings.solver_for(p)
     rank = _fit_rank(settings.rank, solver, n, p, settings.flips)
     dtype = resolve_dtype(settings.dtype)
     return _FitPlan(
@@ -267,7 +263,7 @@ def _plan_fit(
         device=torch.device(device),
         dtype=dtype,
         block_rows=block_rows or default_block_rows(p),
-        resident=n * p * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES,
+        resident=n * p * torch.finfo(dtype).bits // 8 <= ZCA_RESIDENT_BYTES,
     )
 
 

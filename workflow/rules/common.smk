@@ -458,15 +458,19 @@ def kernel_rows(wildcards, input):
     )
 
 
+def kernel_image_shape(wildcards, input):
+    """The (height, width) a kernel job's networks see: the images', or the crops'."""
+    crop = KERNELS[wildcards.kernel]["crop"]
+    return (crop, crop) if crop else resources.npy_shape(input.train)[1:3]
+
+
 def estimate_shard_estimate(wildcards, input):
     cfg = KERNELS[wildcards.kernel]
-    image_shape = resources.npy_shape(input.train)[1:]
-    if cfg["crop"] is not None:
-        image_shape = (cfg["crop"], cfg["crop"])
     settings = from_config(EstimateSettings, {**cfg, "precision": None})
     on_gpu = bool(job_gpus(wildcards))
     rows = kernel_rows(wildcards, input)
-    return resources.estimate_mem_mb(*rows, image_shape, settings, on_gpu=on_gpu)
+    shape = kernel_image_shape(wildcards, input)
+    return resources.estimate_mem_mb(*rows, shape, settings, on_gpu=on_gpu)
 
 
 def merge_estimate(wildcards, input):
@@ -478,12 +482,10 @@ def merge_estimate(wildcards, input):
 
 
 def analytic_estimate(wildcards, input):
-    cfg = KERNELS[wildcards.kernel]
-    image_shape = resources.npy_shape(input.train)[1:]
-    if cfg["crop"] is not None:
-        image_shape = (cfg["crop"], cfg["crop"])
     rows = kernel_rows(wildcards, input)
-    return resources.analytic_mem_mb(*rows, image_shape, cfg["block_size"])
+    shape = kernel_image_shape(wildcards, input)
+    block_size = KERNELS[wildcards.kernel]["block_size"]
+    return resources.analytic_mem_mb(*rows, shape, block_size)
 
 
 def solve_estimate(wildcards, input):
