@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,9 +26,14 @@ from neural_kernels.architectures import (
     myrtle,
 )
 from neural_kernels.cli import main
+from neural_kernels.device import keep_freed_cpu_memory
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels import analytic, stage
-from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size, l2_cache_bytes
+from neural_kernels.kernels.analytic import (
+    analytic_kernel,
+    auto_block_size,
+    computed_blocks,
+)
 from neural_kernels.kernels.estimate import EstimateSettings, estimate_kernel
 from neural_kernels.kernels.stage import (
     ImageRows,
@@ -100,14 +107,11 @@ def test_cross_kernel_block_size_and_precision(digits):
     np.testing.assert_allclose(mixed, cross, atol=1e-6)
 
 
-def test_auto_block_size_fits_the_cache_and_gives_the_same_kernel(digits, monkeypatch):
-    monkeypatch.setattr(analytic, "l2_cache_bytes", lambda: 2**21)
+def test_auto_block_size_fills_its_budget_and_gives_the_same_kernel(digits):
     assert auto_block_size(8, 8, CPU) == 8  # 64 pairs x 8^4 entries = 2 MiB of float64
     assert auto_block_size(8, 8, CPU, "mixed") == 11  # 121 x 8^4 float32 entries < 2 MiB
     assert auto_block_size(32, 32, CPU) == 1
     assert auto_block_size(32, 32, torch.device("cuda")) == 16  # 2 GiB of float64
-    monkeypatch.setattr(analytic, "l2_cache_bytes", lambda: 2**20)
-    assert auto_block_size(8, 8, CPU) == 5
     net, x = myrtle("myrtle5"), digits[:21].astype(np.float64)
     np.testing.assert_allclose(
         analytic_kernel(net, x, progress=False),
@@ -116,8 +120,100 @@ def test_auto_block_size_fits_the_cache_and_gives_the_same_kernel(digits, monkey
     )
 
 
-def test_l2_cache_size_is_read_or_defaulted():
-    assert 2**15 <= l2_cache_bytes() <= 2**26  # 32 KiB to 64 MiB: a plausible L2
+@pytest.mark.parametrize("images2", [False, True])
+def test_block_workers_do_not_change_the_kernel(digits, monkeypatch, images2):
+    """Blocks on 1 or 3 worker threads: the same bits, and torch's threads restored."""
+    net, x = myrtle("myrtle5"), digits[:23].astype(np.float64)
+    z = digits[23:30].astype(np.float64) if images2 else None
+    kernels = []
+    for workers in (1, 3):
+        monkeypatch.setattr(analytic, "cpu_block_workers", lambda device, n=workers: n)
+        threads = torch.get_num_threads()
+        kernels.append(analytic_kernel(net, x, z, block_size=4, device="cpu", progress=False))
+        assert torch.get_num_threads() == threads
+    np.testing.assert_allclose(kernels[0], kernels[1], rtol=1e-13)
+
+
+def test_computed_blocks_come_in_order_and_stop_with_their_consumer():
+    threads = torch.get_num_threads()
+    started: list[int] = []
+
+    def compute(block: tuple[int, int]) -> np.ndarray:
+        started.append(block[0])
+        time.sleep(0.002 * (block[0] % 3))  # later blocks often finish first
+        assert torch.get_num_threads() == 1  # each worker runs its operations alone
+        return np.full((1, 1), block[0])
+
+    blocks = [(i, 0) for i in range(40)]
+    got = [int(b[0, 0]) for b in computed_blocks(compute, blocks, workers=2)]
+    assert got == list(range(40))
+    assert torch.get_num_threads() == threads
+
+    # The consumer stops while blocks are queued: they are cancelled, the running ones
+    # finish. Blocks from 2 on wait for `release`, so 2 + 2 workers at most ever start.
+    started.clear()
+    release = threading.Event()
+
+    def held(block: tuple[int, int]) -> np.ndarray:
+        started.append(block[0])
+        if block[0] >= 2:
+            release.wait(5)
+        return np.full((1, 1), block[0])
+
+    results = computed_blocks(held, blocks, workers=2)
+    assert [int(next(results)[0, 0]) for _ in range(2)] == [0, 1]
+    deadline = time.monotonic() + 30
+    while len(started) < 4 and time.monotonic() < deadline:  # both workers hold a block
+        time.sleep(0.01)
+    threading.Timer(0.2, release.set).start()
+    results.close()
+    assert sorted(started) == [0, 1, 2, 3]  # none of the queued blocks ran
+    assert torch.get_num_threads() == threads
+
+    def failing(block: tuple[int, int]) -> np.ndarray:
+        if block[0] == 5:
+            raise KeyboardInterrupt
+        return np.zeros((1, 1))
+
+    results = computed_blocks(failing, blocks, workers=2)
+    with pytest.raises(KeyboardInterrupt):
+        for index, _ in enumerate(results):
+            assert index < 5  # blocks before the failing one arrive, none after
+    assert torch.get_num_threads() == threads
+
+
+def test_interrupted_block_workers_mark_only_finished_blocks(digits, monkeypatch):
+    net, x = myrtle("myrtle5"), digits[:26].astype(np.float64)
+    fresh = analytic_kernel(net, x, block_size=3, device="cpu", progress=False)
+    monkeypatch.setattr(analytic, "cpu_block_workers", lambda device: 2)
+    grid = 9 * 9  # ceil(26 / 3) blocks per side; the upper triangle is computed
+    out, done = np.full((26, 26), np.nan), np.zeros(grid, dtype=bool)
+    lock, calls = threading.Lock(), {"n": 0}
+    original = Serial.cross_kernel
+
+    def failing(self, *args, **kw):
+        with lock:
+            calls["n"] += 1
+            fail = calls["n"] == 12
+        if fail:
+            raise KeyboardInterrupt
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(Serial, "cross_kernel", failing)
+    with pytest.raises(KeyboardInterrupt):
+        analytic_kernel(net, x, block_size=3, device="cpu", out=out, done=done, progress=False)
+    finished = [(i, j) for i in range(9) for j in range(9) if done[i * 9 + j]]
+    assert 0 < len(finished) < grid
+    for i, j in finished:  # every block marked done holds its final values
+        rows, cols = slice(3 * i, 3 * i + 3), slice(3 * j, 3 * j + 3)
+        np.testing.assert_allclose(out[rows, cols], fresh[rows, cols], rtol=1e-13)
+    monkeypatch.setattr(Serial, "cross_kernel", original)
+    analytic_kernel(net, x, block_size=3, device="cpu", out=out, done=done, progress=False)
+    np.testing.assert_allclose(out, fresh, rtol=1e-13)
+
+
+def test_cpu_allocator_keeps_freed_memory_where_it_is_glibc():
+    assert keep_freed_cpu_memory() is (platform.libc_ver()[0] == "glibc")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -393,6 +489,9 @@ def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_
     inputs = KernelInputs(split_files["train"], {"val": split_files["val"]})
     args = (KernelSpec("myrtle5"), AnalyticSettings(block_size=4))
     kwargs = dict(progress=False, device="cpu")
+    # One block worker, so that the 10th call is the 10th block (test_faults.py kills
+    # the real, multi-threaded stage).
+    monkeypatch.setattr(analytic, "cpu_block_workers", lambda device: 1)
     analytic_files(inputs, tmp_path / "fresh", *args, **kwargs)
     calls = {"n": 0}
     original = Serial.cross_kernel
@@ -420,10 +519,11 @@ def test_interrupted_analytic_run_resumes_from_finished_blocks(split_files, tmp_
 
 
 def test_resumed_run_keeps_its_automatic_block_size(split_files, tmp_path, monkeypatch):
-    """A retry on a host with another cache (or a GPU) keeps the finished blocks."""
+    """A retry on another kind of host (a GPU) keeps the finished blocks."""
     inputs = KernelInputs(split_files["train"], {"val": split_files["val"]})
     spec, kwargs = KernelSpec("myrtle5"), dict(progress=False, device="cpu")
     monkeypatch.setattr(stage, "auto_block_size", lambda *args: 4)
+    monkeypatch.setattr(analytic, "cpu_block_workers", lambda device: 1)  # 10th call = block
     calls = {"n": 0}
     original = Serial.cross_kernel
 

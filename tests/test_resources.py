@@ -71,6 +71,16 @@ def test_kernel_memory_at_the_thesis_sizes():
     # a configured block size: eight float64 B^2 (HW)^2 covariances (B = 8: 4 GiB)
     covariances = 8 * 8 * 8**2 * (32 * 32) ** 2
     assert resources.analytic_mem_mb(50_000, 10_000, (32, 32), 8) == mib(mapped + covariances)
+    # on a CPU, one block per worker thread: 32 workers of 32x32 images hold 32 x 8
+    # copies of one pair's 8 MiB covariances (the automatic block size is 1 there)
+    pair = 8 * (32 * 32) ** 2
+    assert resources.analytic_mem_mb(50_000, 10_000, (32, 32), None, 32) == mib(
+        mapped + 32 * 8 * pair
+    )
+    assert resources.analytic_mem_mb(50_000, 10_000, (8, 8), None, 2) == mib(mapped + workspace)
+    assert resources.analytic_mem_mb(50_000, 10_000, (32, 32), 8, 16) == mib(
+        mapped + 16 * covariances
+    )
     # an estimate shard on a GPU sums in GPU memory; on the CPU its float64 sums are in
     # memory (one pass) beside the memory maps, with three activation tensors
     settings = EstimateSettings(width=64, networks=256, chunk_networks=16, batch_size=256)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import sys
 
 import torch
 
@@ -67,3 +70,36 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peaks["device_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peaks
+
+
+#: glibc ``mallopt`` parameters (``<malloc.h>``) and the values
+#: :func:`keep_freed_cpu_memory` sets: allocations up to 32 MiB (glibc's largest
+#: threshold) come from the heap, and up to 1 GiB of freed heap is kept for reuse.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOPT = ((_M_MMAP_THRESHOLD, 2**25), (_M_TRIM_THRESHOLD, 2**30), (_M_TOP_PAD, 2**26))
+
+
+@functools.cache
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse in this process; ``True`` if set.
+
+    torch allocates every CPU tensor with ``malloc``. By default glibc hands large
+    blocks (above a dynamic threshold) straight back to the kernel when they are freed
+    and trims the heap's free top, so a loop that allocates and frees megabyte tensors
+    pays page faults (zeroed pages) on every allocation, and worker threads contend on
+    the process's memory map. Measured on 2 cores, the analytic Myrtle5 kernel of 128
+    digits in 8x8 blocks on 2 block workers: 1.33 s by default, 0.79 s with these
+    settings (system time 4.5 s down to 1.1 s). What is kept is about what the loop
+    held at its peak, once per worker thread (each has its own malloc arena). The
+    settings stay for the rest of the process. A no-op (``False``) off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+    applied = [mallopt(param, value) == 1 for param, value in _MALLOPT]  # each one
+    log.debug("glibc malloc keeps freed memory: %s", applied)
+    return all(applied)

@@ -23,6 +23,7 @@ import numpy as np
 
 from neural_kernels.errors import DataError
 from neural_kernels.settings import (
+    ANALYTIC_CPU_BLOCK_BYTES,
     ZCA_BLOCK_BYTES,
     ZCA_RESIDENT_BYTES,
     EstimateSettings,
@@ -37,9 +38,10 @@ BASE_BYTES = 1536 * MIB
 #: A memory-mapped output counts up to this much: written pages that the kernel has
 #: not yet written back (reclaimable; Linux throttles a writer long before).
 MAPPED_BYTES = 8 << 30
-#: Workspace of an analytic kernel's blocks with the automatic block size (a block's
-#: covariances fit the CPU's cache, or live in GPU memory); a configured block size
-#: holds :data:`ANALYTIC_BLOCK_COPIES` float64 ``B^2 (H W)^2`` tensors at once.
+#: Workspace of an analytic kernel's blocks: at least this, and on a CPU
+#: :data:`ANALYTIC_BLOCK_COPIES` copies of a block's float64 ``B^2 (H W)^2``
+#: covariances per worker thread (2 MiB blocks with the automatic block size, or one
+#: image pair's covariances where that is larger; on a GPU they live in GPU memory).
 ANALYTIC_WORKSPACE_BYTES = 1 << 30
 ANALYTIC_BLOCK_COPIES = 8
 #: Activations a training step keeps for the backward pass, in float32 values per
@@ -137,15 +139,17 @@ def analytic_mem_mb(
     eval_rows: int,
     image_shape: tuple[int, ...] = (1, 1),
     block_size: int | None = None,
+    workers: int = 1,
 ) -> int:
-    """An analytic kernel: its memory-mapped float64 blocks and a block's workspace
-    (:data:`ANALYTIC_WORKSPACE_BYTES`, or the copies of a configured block's
-    ``B^2 (H W)^2`` covariances)."""
-    workspace = ANALYTIC_WORKSPACE_BYTES
-    if block_size is not None:
-        pixels = image_shape[0] * image_shape[1]
-        covariances = ANALYTIC_BLOCK_COPIES * 8 * block_size**2 * pixels**2
-        workspace = max(workspace, covariances)
+    """An analytic kernel: its memory-mapped float64 blocks and its blocks' workspace,
+    :data:`ANALYTIC_WORKSPACE_BYTES` or, if more, the copies of ``workers`` blocks'
+    ``B^2 (H W)^2`` covariances (``workers``: the job's threads on a CPU, 1 on a GPU)."""
+    pixels = image_shape[0] * image_shape[1]
+    if block_size is None:
+        block = max(ANALYTIC_CPU_BLOCK_BYTES, 8 * pixels**2)
+    else:
+        block = 8 * block_size**2 * pixels**2
+    workspace = max(ANALYTIC_WORKSPACE_BYTES, workers * ANALYTIC_BLOCK_COPIES * block)
     return _mib(_mapped(kernel_bytes(fitted_rows, eval_rows)) + workspace)
 
 

@@ -485,7 +485,8 @@ def analytic_estimate(wildcards, input):
     rows = kernel_rows(wildcards, input)
     shape = kernel_image_shape(wildcards, input)
     block_size = KERNELS[wildcards.kernel]["block_size"]
-    return resources.analytic_mem_mb(*rows, shape, block_size)
+    workers = 1 if job_gpus(wildcards) else job_threads(wildcards)  # a block per thread
+    return resources.analytic_mem_mb(*rows, shape, block_size, workers)
 
 
 def solve_estimate(wildcards, input):

@@ -487,7 +487,7 @@ def _resume_block_size(
 ) -> tuple[int, bool]:
     """The block size to use, and whether it is chosen automatically.
 
-    An automatic block size depends on the host (its L2 cache, CPU or GPU): a resumed
+    An automatic block size depends on the host (CPU or GPU): a resumed
     run keeps the one its finished blocks were computed with (``auto_block_size`` in
     the resume directory ``scratch``), wherever it now runs.
     """
