@@ -22,6 +22,7 @@ say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -36,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from snakemake.utils import validate
 
+from neural_kernels import sizing
 from neural_kernels.architectures import myrtle
 from neural_kernels.catalog import MYRTLE_STAGES
 from neural_kernels.device import device_name, resolve_device
@@ -310,33 +313,41 @@ def thesis_projection(config: dict, rates: dict, memory: float) -> list[dict]:
             hours = net["epochs"] * sizes["fit"] * per_image / 3600
             jobs.append({"job": f"{dataset}/{network}", "kind": "training",
                          "measured_hours": hours, "model_hours": None})  # fmt: skip
-        for solver in cfg.get("solvers", []):
-            jobs += _solve_jobs(dataset, solver, config, cfg, sizes, rates)
-    return jobs
+    return jobs + _solve_jobs(config, rates)
 
 
-def _solve_jobs(
-    dataset: str, solver: str, config: dict, cfg: dict, sizes: dict, rates: dict
-) -> list[dict]:
-    """A GPU solve per full-split kernel: the flow's eigendecomposition (N^3 from the
-    measured N) or boosting's steps; CPU solves (device cpu) are not projected here."""
-    settings = config["solvers"][solver]
-    if settings.get("device") == "cpu":
-        return [{"job": f"{dataset}/full/*/{solver}", "kind": "solve (CPU)",
-                 "measured_hours": None, "model_hours": None}]  # fmt: skip
-    jobs = []
-    for name in cfg.get("kernels", []):
-        n = sizes["fit"] * (2 if config["kernels"][name].get("flips") else 1)
-        if settings["method"] == "boosting":
+def _solve_jobs(config: dict, rates: dict) -> list[dict]:
+    """Every full-split solve of ``config`` (:func:`neural_kernels.sizing.planned_solves`):
+    on the GPU, the flow's eigendecomposition (N^3 from the measured N) or boosting's
+    steps from the measured rates, pcg and ridge from the sizing model (pcg is bound by
+    reading the kernel from disk); CPU solves (device cpu) are not projected here."""
+    jobs: dict[str, dict] = {}
+    for solve in sizing.planned_solves(sizing_config(config)):
+        if not solve.on_gpu:
+            jobs[f"{solve.dataset}/full/*/{solve.solver}"] = {
+                "kind": "solve (CPU)", "measured_hours": None, "model_hours": solve.hours
+            }  # fmt: skip
+            continue
+        n, settings = solve.sizes.rows, config["solvers"][solve.solver]
+        measured = None
+        if solve.method == "boosting":
             step = rates["boosting"]
             per_batch = step["seconds_per_batch"] * (n / step["n"])  # the M x N products
-            seconds = settings["steps"] * math.ceil(n / settings["batch_size"]) * per_batch
-        else:
-            eigh = rates["eigh"]
-            seconds = eigh["seconds"] * (n / eigh["n"]) ** 3
-        jobs.append({"job": f"{dataset}/full/{name}/{solver}", "kind": "solve",
-                     "measured_hours": seconds / 3600, "model_hours": None})  # fmt: skip
-    return jobs
+            measured = settings["steps"] * math.ceil(n / settings["batch_size"]) * per_batch
+        elif solve.method == "flow":
+            measured = rates["eigh"]["seconds"] * (n / rates["eigh"]["n"]) ** 3
+        jobs[f"{solve.dataset}/full/{solve.kernel}/{solve.solver}"] = {
+            "kind": "solve", "model_hours": solve.hours,
+            "measured_hours": None if measured is None else 2 * measured / 3600,
+        }  # fmt: skip
+    return [{"job": name, **job} for name, job in jobs.items()]
+
+
+def sizing_config(config: dict) -> dict:
+    """``config`` with the schema's defaults filled in, as the workflow reads it."""
+    filled = copy.deepcopy(config)
+    validate(filled, str(sizing.SCHEMA))
+    return filled
 
 
 # ------------------------------------------------------------------------ the script

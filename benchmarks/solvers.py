@@ -4,10 +4,15 @@ Prints a table and writes JSON (default ``results/benchmarks/solvers.json``):
 
 * scaling: for N = 1024 ... 8192 training points of a 10-class synthetic problem
   (sklearn ``make_classification``, RBF kernel, 4000 validation and 4000 test
-  points), the eigendecomposition gradient flow, kernel ridge regression and batched
-  boosting at fixed M: wall time, peak memory (host RSS of a fresh process; device
-  memory on a GPU), and the test accuracy of the validation-selected hyperparameter;
-  each measurement runs in its own process so that peaks do not mix;
+  points), the eigendecomposition gradient flow, kernel ridge regression (Cholesky),
+  kernel ridge by preconditioned conjugate gradients (pcg) and batched boosting at
+  fixed M, all on the same kernel: wall time, peak memory (host RSS of a fresh
+  process; device memory on a GPU), and the test accuracy of the validation-selected
+  hyperparameter; each measurement runs in its own process so that peaks do not mix;
+* beyond memory: a kernel of ``--big`` rows (default 20000: a 3.2 GB train block)
+  written to disk, and the ``solve`` stage's flow, boosting and pcg on it, each in a
+  cgroup capped at half the train block (at least 1 GiB; ``--cap-gb``; uncapped where
+  no cgroup can be made): flow refuses up front, boosting and pcg stream the kernel from disk;
 * the target: once N >= 8 M, boosting within 0.5 points of the full solve (the flow)
   in a quarter of its time or less;
 * digits: the accuracy each solver reaches on the default workflow's Myrtle5 kernels
@@ -15,13 +20,14 @@ Prints a table and writes JSON (default ``results/benchmarks/solvers.json``):
   first), through the same ``solve`` stage as the workflow.
 
 Runs on CUDA when present (``--device``). Usage: ``python benchmarks/solvers.py``
-(about 10 minutes on 2 CPU cores; ``--quick`` for a smoke run).
+(about 15 minutes on 2 CPU cores; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,11 +41,25 @@ from sklearn.datasets import make_classification
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.layout import script_benchmark
 from neural_kernels.solvers import boosting_path, flow_path, one_hot_targets, ridge_path
+from neural_kernels.solvers.pcg import pcg_path
 from neural_kernels.solvers.stage import SolverSettings, solve_files
 
 EVAL = 4000  # validation and test points each (+-0.7 points of sampling noise)
 ETA_T = [1.0, 10.0, 100.0, 1e3, 1e4, 1e6]
 LAMBDAS = [1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-6]
+#: pcg: the solver's defaults but the grid (ridge's above)
+PCG = {"rank": 1000, "tolerance": 1e-8, "max_iterations": 500}
+METHODS = ("flow", "ridge", "pcg", "boosting")
+#: The solves beyond memory: what each runs (small boosting and pcg grids: each pass
+#: over the kernel is read from disk under the cap)
+BIG_SOLVES = {
+    "flow": [],
+    "boosting": ["--batch-size", "2000", "--steps", "3", "--eta-t", "1000"],
+    "pcg": ["--rank", "500", "--lambdas", "1.0", "0.1", "--tolerance", "1e-6"],
+}
+MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
+#: The smallest default cap: Python and torch alone take 0.53 GB (0.29 GB anonymous).
+MIN_CAP = 1 << 30
 
 
 def problem(n: int, device: torch.device) -> tuple[torch.Tensor, dict, dict]:
@@ -86,6 +106,14 @@ def measure_one(method: str, n: int, batch_size: int, steps: int, device_arg: st
                     (time.perf_counter() - started, accuracy(score["val"], labels["val"]),
                      accuracy(score["test"], labels["test"]), {"step": step, "eta_t": eta_t})
                 )  # fmt: skip
+    elif method == "pcg":
+        for value, scores, diagnostics in pcg_path(kernel, targets, evals, LAMBDAS, **PCG):
+            sync(device)
+            points.append(
+                (time.perf_counter() - started, accuracy(scores["val"], labels["val"]),
+                 accuracy(scores["test"], labels["test"]),
+                 {"value": value, "iterations": diagnostics["iterations"]})
+            )  # fmt: skip
     else:
         path = flow_path if method == "flow" else ridge_path
         grid = ETA_T if method == "flow" else LAMBDAS
@@ -126,7 +154,7 @@ def digits_accuracy(kernels: Path, device: str) -> list[dict]:
     labels = {split: data / f"{split}_labels.npy" for split in ("train", "val", "test")}
     rows = []
     for kernel_dir in sorted(kernels.glob("*/kernel.json")):
-        for method in ("flow", "ridge", "boosting"):
+        for method in METHODS:
             settings = SolverSettings(method, batch_size=160, steps=20, eta_t=())
             with tempfile.TemporaryDirectory() as out:
                 record = solve_files(
@@ -145,6 +173,79 @@ def digits_accuracy(kernels: Path, device: str) -> list[dict]:
                 }
             )  # fmt: skip
     return rows
+
+
+def write_rbf_kernel(root: Path, rows: int, eval_rows: int) -> tuple[Path, dict[str, Path]]:
+    """A subset-layout kernel directory on disk: an RBF kernel of 10 seeded Gaussian
+    classes (train ``rows x rows``, val and test ``eval_rows x rows``, float64), written
+    in row blocks and evicted from the page cache, so that a capped solve reads it from
+    disk. Returns the directory and the label files."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 32))
+    kernel_dir, labels, points = root / "kernel", {}, {}
+    kernel_dir.mkdir(parents=True)
+    for split, count in (("train", rows), ("val", eval_rows), ("test", eval_rows)):
+        y = rng.integers(0, 10, count)
+        points[split] = torch.from_numpy(centres[y] + 1.5 * rng.normal(size=(count, 32)))
+        labels[split] = root / f"{split}_labels.npy"
+        np.save(labels[split], y)
+    for split, x in points.items():
+        path = kernel_dir / f"{split}.npy"
+        block = np.lib.format.open_memmap(path, "w+", np.float64, (len(x), rows))
+        for start in range(0, len(x), 2048):
+            distances = torch.cdist(x[start : start + 2048], points["train"]) ** 2
+            block[start : start + 2048] = torch.exp(-distances / 256).numpy()
+        block.flush()
+        del block
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    layout = [{"split": "train", "start": 0, "stop": rows, "mirrored": False}]
+    record = {"method": "estimate", "flips": False, "inputs": {"train": {"rows": rows}}}
+    record["inputs"]["train"]["layout"] = layout
+    (kernel_dir / "kernel.json").write_text(json.dumps(record))
+    return kernel_dir, labels
+
+
+def capped_solve(kernel_dir: Path, labels: dict, method: str, cap: int | None, out: Path) -> dict:
+    """``neural-kernels solve`` in a fresh process, in a cgroup of ``cap`` bytes if given:
+    exit status, seconds, the cgroup's peak (page cache included) and the metrics."""
+    command = [sys.executable, "-m", "neural_kernels", "solve", "--kernel-dir", str(kernel_dir),
+               "--labels", *(f"{s}={p}" for s, p in labels.items()), "--method", method,
+               *BIG_SOLVES[method], "--out-dir", str(out / method)]  # fmt: skip
+    group = MEMORY_CGROUP / f"nk-bench-{os.getpid()}-{method}" if cap else None
+    if group:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(cap))
+        command = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    row = {"method": method, "returncode": result.returncode, "seconds": seconds}
+    if group:
+        row["cgroup_peak_mb"] = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
+        group.rmdir()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    row["error"] = errors[-1] if errors else None
+    metrics = out / method / "metrics.json"
+    if result.returncode == 0:
+        record = json.loads(metrics.read_text())
+        row |= {"test_accuracy": record["test_accuracy"], "selected": record["selected"]}
+    return row
+
+
+def beyond_memory(rows: int, cap_gb: float | None) -> dict:
+    """flow, boosting and pcg on a kernel of ``rows`` rows under a memory cap (default:
+    half its train block, but at least :data:`MIN_CAP`), in one run."""
+    block = 8 * rows * rows
+    cap = int(cap_gb * 2**30) if cap_gb else max(MIN_CAP, block // 2)
+    if not os.access(MEMORY_CGROUP, os.W_OK):
+        cap = None  # no cgroup here: uncapped, and said so
+    with tempfile.TemporaryDirectory() as tmp:
+        kernel_dir, labels = write_rbf_kernel(Path(tmp), rows, 1000)
+        solves = [capped_solve(kernel_dir, labels, m, cap, Path(tmp)) for m in BIG_SOLVES]
+    return {"rows": rows, "train_block_gb": block / 2**30,
+            "cap_gb": cap / 2**30 if cap else None, "solves": solves}  # fmt: skip
 
 
 def boosting_target(scaling: list[dict], batch_size: int) -> list[dict]:
@@ -170,6 +271,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--batch-size", type=int, default=512, help="boosting M")
     parser.add_argument("--steps", type=int, default=24, help="boosting steps")
+    parser.add_argument("--big", type=int, default=20_000, help="rows of the on-disk kernel")
+    parser.add_argument("--cap-gb", type=float, help="its memory cap (half its train block)")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -185,9 +288,10 @@ def main() -> None:
     report["scaling"] = [
         run_isolated(method, n, batch_size, args.steps, args.device)
         for n in sizes
-        for method in ("flow", "ridge", "boosting")
+        for method in METHODS
     ]
     report["target"] = boosting_target(report["scaling"], batch_size)
+    report["beyond_memory"] = beyond_memory(2000 if args.quick else args.big, args.cap_gb)
     report["digits"] = digits_accuracy(Path("results/kernels/digits/full"), args.device)
 
     print(f"device: {report['device']} ({report['threads']} threads)")
@@ -205,6 +309,15 @@ def main() -> None:
             f"N = {r['n']}: gap {r['accuracy_gap_points']:+.2f} points, time ratio "
             f"{r['time_ratio']:.2f} -> {'met' if r['met'] else 'NOT met'}"
         )
+    big = report["beyond_memory"]
+    cap = f"capped at {big['cap_gb']:.2f} GiB" if big["cap_gb"] else "uncapped (no cgroup here)"
+    print(f"\nbeyond memory: N = {big['rows']} ({big['train_block_gb']:.2f} GiB block), {cap}")
+    print(f"{'method':<9}{'exit':>5}{'seconds':>9}{'peak MiB':>9}{'test acc':>9}")
+    for r in big["solves"]:
+        accuracy_text = f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else "-"
+        print(f"{r['method']:<9}{r['returncode']:>5}{r['seconds']:>9.1f}"
+              f"{r.get('cgroup_peak_mb', float('nan')):>9.0f}{accuracy_text:>9}"
+              + (f"  {r['error']}" if r["error"] else ""))  # fmt: skip
     if report["digits"]:
         print("\ndigits, default Myrtle5 kernels (selected on val)")
         print(f"{'kernel':<18}{'method':<9}{'val':>7}{'test':>7}{'best-on-test':>13}  selected")

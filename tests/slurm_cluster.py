@@ -1,11 +1,13 @@
 """A real one-node SLURM cluster for the tests, from Debian's packages (slurm-wlm, munge).
 
 ``.ci/run`` installs the packages; :func:`single_node_cluster` writes a one-node
-``slurm.conf`` (no cgroups, no accounting, ``MinJobAge`` of 10 minutes so that
-``squeue`` still shows finished jobs), starts ``munged``, ``slurmctld`` and ``slurmd``
-as plain background daemons (no systemd) and stops them by PID. The configuration goes
-to ``/etc/slurm/slurm.conf``, where the commands inside a job find it (the slurm
-executor's job step drops ``SLURM_CONF`` from the environment): never over a
+``slurm.conf`` (no accounting, ``MinJobAge`` of 10 minutes so that ``squeue`` still
+shows finished jobs) and a ``cgroup.conf`` that enforces every job's memory as a
+production cluster does (``TaskPlugin=task/cgroup``, ``ConstrainRAMSpace=yes``, cgroup
+v1: a job past its ``--mem`` is killed), starts ``munged``, ``slurmctld`` and
+``slurmd`` as plain background daemons (no systemd) and stops them by PID. The
+configuration goes to ``/etc/slurm/``, where the commands inside a job find it (the
+slurm executor's job step drops ``SLURM_CONF`` from the environment): never over a
 configuration that this module did not write.
 """
 
@@ -22,6 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CONF = Path("/etc/slurm/slurm.conf")
+CGROUP_CONF = CONF.with_name("cgroup.conf")
+#: The cgroup v1 memory controller that task/cgroup limits jobs with.
+MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
 MARKER = "# written by tests/slurm_cluster.py"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 COMMANDS = (*DAEMONS, "sbatch", "squeue", "sinfo", "srun")
@@ -41,8 +46,13 @@ def unavailable() -> str | None:
             f"SLURM is not installed ({', '.join(missing)} missing): "
             "apt-get install slurmctld slurmd slurm-client munge (.ci/run does)"
         )
-    if CONF.exists() and MARKER not in CONF.read_text():
-        return f"{CONF} exists (a real cluster's?); not replacing it"
+    for conf in (CONF, CGROUP_CONF):
+        if conf.exists() and MARKER not in conf.read_text():
+            return f"{conf} exists (a real cluster's?); not replacing it"
+    if not os.access(MEMORY_CGROUP / "memory.limit_in_bytes", os.W_OK) and not os.access(
+        MEMORY_CGROUP, os.W_OK
+    ):
+        return f"the cgroup v1 memory controller ({MEMORY_CGROUP}) is not writable here"
     if not Path("/etc/munge/munge.key").exists():
         return "no munge key (/etc/munge/munge.key; the munge package creates it)"
     return None
@@ -85,8 +95,8 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+ProctrackType=proctrack/cgroup
+TaskPlugin=task/cgroup
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 AccountingStorageType=accounting_storage/none
@@ -97,6 +107,18 @@ ReturnToService=2
 SchedulerType=sched/backfill
 NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+#: Every job's memory enforced: its cgroup's limit is its --mem (no swap here).
+CGROUP = f"""{MARKER}
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+CgroupAutomount=no
+ConstrainCores=no
+ConstrainDevices=no
+ConstrainRAMSpace=yes
+ConstrainSwapSpace=no
 """
 
 
@@ -149,6 +171,7 @@ def single_node_cluster(root: Path, cpus: int = 2, mem_mb: int = 16000) -> Itera
         (root / name).mkdir(parents=True, exist_ok=True)
     CONF.parent.mkdir(parents=True, exist_ok=True)
     CONF.write_text(slurm_conf(root, cpus, mem_mb))
+    CGROUP_CONF.write_text(CGROUP)
     pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
     try:
         munged = [
@@ -165,5 +188,6 @@ def single_node_cluster(root: Path, cpus: int = 2, mem_mb: int = 16000) -> Itera
     finally:
         subprocess.run(["scancel", "--user", "root"], capture_output=True, check=False)
         _stop([pid for path in reversed(pid_files) if (pid := _pid(path)) is not None])
-        if CONF.exists() and MARKER in CONF.read_text():
-            CONF.unlink()
+        for conf in (CONF, CGROUP_CONF):
+            if conf.exists() and MARKER in conf.read_text():
+                conf.unlink()

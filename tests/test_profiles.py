@@ -27,6 +27,7 @@ from conftest import copy_workflow
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels.data.sources import ARCHIVES
 from neural_kernels.device import resolve_device
+from neural_kernels.report.tables import cell_solvers
 
 REPO = Path(__file__).resolve().parents[1]
 THESIS = REPO / "config/thesis.yaml"
@@ -104,9 +105,10 @@ def expected_job_counts(config: dict) -> dict[str, int]:
         views = [(cfg["kernels"], cfg["solvers"])] + [
             (subsets["kernels"], subsets["solvers"])
         ] * n_subsets
-        for kernels, solvers in views:
-            counts["solve"] += len(kernels) * len(solvers)
+        for view, (kernels, solvers) in enumerate(views):
             for name in kernels:
+                per_kernel = cfg.get("kernel_solvers", {}) if view == 0 else {}
+                counts["solve"] += len(per_kernel.get(name, solvers))
                 kernel = config["kernels"][name]
                 if kernel["method"] == "analytic":
                     counts["kernel_analytic"] += 1
@@ -193,20 +195,19 @@ def test_thesis_config_fills_every_runnable_cell_of_the_report():
                         continue
                     spec = cell.get("kernel") or cell["kernel_time"]
                     if table["view"] == "full":
-                        views = [(cfg["kernels"], cfg["solvers"])]
+                        per_kernel = cfg.get("kernel_solvers", {})
+                        kernels = {k: per_kernel.get(k, cfg["solvers"]) for k in cfg["kernels"]}
                     else:
                         assert table["subset_size"] in cfg["subsets"]["sizes"], table["id"]
                         assert len(cfg["subsets"]["seeds"]) >= 2  # a mean and a spread
-                        views = [(cfg["subsets"]["kernels"], cfg["subsets"]["solvers"])]
-                    for kernels, solvers in views:
+                        subsets = cfg["subsets"]
+                        kernels = dict.fromkeys(subsets["kernels"], subsets["solvers"])
+                    for name, solvers in kernels.items():
                         methods = {config["solvers"][s]["method"] for s in solvers}
-                        if "solver" in cell and cell["solver"] not in methods:
+                        if "solver" in cell and not methods & set(cell_solvers(cell)):
                             continue
-                        found += [
-                            name
-                            for name in kernels
-                            if spec.items() <= config["kernels"][name].items()
-                        ]
+                        if spec.items() <= config["kernels"][name].items():
+                            found.append(name)
                 assert found, (
                     f"{table['id']} {row['label']}: nothing in config/thesis.yaml fills {cell}"
                 )
@@ -606,3 +607,21 @@ def test_readme_full_reproduction_commands_name_real_files():
                 assert (REPO / path).exists(), command
     for variable in ("NK_SLURM_ACCOUNT", "NK_SLURM_PARTITION"):
         assert variable in (REPO / SLURM / "config.v9+.yaml").read_text()
+
+
+def test_a_dense_solver_no_node_can_hold_is_refused_before_any_job(workdir):
+    config = yaml.safe_load(THESIS.read_text())
+    config["datasets"]["tiny_imagenet"]["solvers"].append("flow_cpu")
+    (workdir / "dense.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "-n", "--configfile", "dense.yaml")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        "tiny_imagenet/myrtle11_crop56_flips_estimate/flow_cpu: flow holds 1314 GB (200000 "
+        "fitted rows, a 320 GB block, 4 times) but a node has 256 GB" in out
+    ), out[-3000:]
+    assert "Use boosting or pcg, which stream the kernel from disk" in out
+    # a node with the memory passes
+    config["resources"]["node_mem_mb"] = 1_400_000
+    (workdir / "dense.yaml").write_text(yaml.safe_dump(config))
+    assert snakemake(workdir, "-n", "--configfile", "dense.yaml").returncode == 0

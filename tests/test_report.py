@@ -298,6 +298,23 @@ def test_a_digits_analogue_names_what_it_changes(results, tmp_path):
     assert cells[("T5", "No augmentation", "Myrtle15 kernel")]["status"] == "not run"
 
 
+def test_kernel_ridge_by_conjugate_gradients_fills_the_kernel_ridge_column(results, tmp_path):
+    # T1 + flips at 100,000 rows: no node holds ridge's Cholesky, pcg streams the kernel
+    flips = {"method": "estimate", "arch": "myrtle10", "activation": "gaussian",
+             "flips": True, "features": 8192}  # fmt: skip
+    pcg = solve_record(flips, "ridge", 0.895) | {"method": "pcg"}
+    write(results / "solve/cifar10/full/m10gf/pcg/metrics.json", pcg)
+    cells = render(results, tmp_path / "report")
+    cell = cells[("T1", "Myrtle10 Gaussian + flips", "Kernel ridge")]
+    assert cell["status"] == "ok" and cell["ours"] == ["89.5"]
+    assert cell["source"] == ["cifar10 · full · m10gf · pcg"]
+    assert "pcg: kernel ridge regression by preconditioned conjugate gradients" in ours_ran(
+        tmp_path / "report", "T1"
+    )
+    # and not the boosting column
+    assert cells[("T1", "Myrtle10 Gaussian + flips", "Boosting")]["status"] == "not run"
+
+
 def test_a_malformed_analogue_is_a_clear_error(tmp_path):
     thesis = yaml.safe_load(THESIS.read_text())
     thesis["tables"][0]["rows"][0]["cells"][0]["analogue"] = "myrtle5"

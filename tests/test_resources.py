@@ -7,13 +7,20 @@ writes; here, the formulas against their closed forms at the thesis's sizes.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from conftest import REPO
 from neural_kernels import resources
 from neural_kernels.errors import DataError
 from neural_kernels.resources import BASE_BYTES, MIB
-from neural_kernels.settings import EstimateSettings, KernelSpec, ZcaSettings
+from neural_kernels.settings import EstimateSettings, KernelSpec, SolverSettings, ZcaSettings
 
 
 def sparse_npy(path, shape, dtype=np.float32):
@@ -89,14 +96,45 @@ def test_kernel_memory_at_the_thesis_sizes():
     assert on_gpu == mib(mapped)
     activations = 3 * 4 * 16 * 64 * 256 * 32 * 32
     assert on_cpu == mib(blocks + mapped + activations)
-    # a solve reads its kernel into memory: four times its files
-    assert resources.solve_mem_mb(blocks) == mib(4 * blocks)
     # a merge: the merged memory map and one 4096-row block of each shard and the sum
     assert resources.merge_mem_mb(blocks, 50_000, 4) == mib(mapped + 5 * 4096 * 50_000 * 8)
 
 
 def mib(n_bytes: float) -> int:
     return int(np.ceil((BASE_BYTES + n_bytes) / MIB))
+
+
+def test_solve_memory_follows_what_each_solver_holds(tmp_path):
+    # T1's CIFAR-10 kernel: 50000 fitted rows, 10000 test rows, 10 classes
+    n, e, c = 50_000, 10_000, 10
+    kernel = [
+        sparse_npy(tmp_path / "train.npy", (n, n), np.float64),
+        sparse_npy(tmp_path / "test.npy", (e, n), np.float64),
+    ]
+    labels = tmp_path / "train_labels.npy"
+    np.save(labels, np.arange(45_000) % c)
+    sizes = resources.solve_sizes(kernel, labels)
+    assert sizes == resources.SolveSizes(rows=n, eval_rows=e, classes=c)
+    block = 1 << 27  # a streamed row block
+    # the dense solvers hold four N x N float64 matrices (measured 4.03-4.12)
+    flow = SolverSettings("flow", eta_t=(1.0, 10.0))
+    dense = 4 * 8 * n * n + 8 * e * n + block + 4 * 8 * (n + e) * c
+    assert resources.solve_mem_mb(flow, sizes) == mib(dense)
+    assert resources.solve_mem_mb(SolverSettings("ridge"), sizes) == mib(dense)
+    # boosting: M x M blocks and (N + E) x C predictions per eta t, never N x N
+    boosting = SolverSettings("boosting", batch_size=5000, eta_t=(100.0, 1e3, 1e4))
+    want = 5 * 8 * 5000**2 + 5 * 8 * (n + e) * c * 3 + block
+    assert resources.solve_mem_mb(boosting, sizes) == mib(want)
+    # pcg: the N x r preconditioner twice and the CG state of every lambda and class
+    pcg = SolverSettings("pcg", lambdas=(1e-2, 1e-3), rank=1000)
+    want = 2 * 8 * n * 1000 + 9 * 8 * n * c * 2 + 8 * e * c * 2 + block
+    assert resources.solve_mem_mb(pcg, sizes) == mib(want)
+    assert resources.solve_mem_mb(pcg, sizes) < resources.solve_mem_mb(flow, sizes) / 30
+    # beside a GPU the host keeps the fitted block (dense) or row blocks (streaming)
+    assert resources.solve_mem_mb(flow, sizes, on_gpu=True) == mib(8 * n * n + 2 * block)
+    assert resources.solve_mem_mb(pcg, sizes, on_gpu=True) == mib(2 * block)
+    with pytest.raises(DataError, match="no train.npy"):
+        resources.solve_sizes(kernel[1:], labels)
 
 
 def test_zca_memory_follows_the_solver(tmp_path, cifar):
@@ -140,3 +178,57 @@ def test_this_machine_has_no_gpu_unless_nvidia_smi_lists_one(monkeypatch, tmp_pa
     assert not resources.machine_has_gpus()
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert not resources.machine_has_gpus()
+
+
+MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.mark.skipif(
+    not os.access(MEMORY_CGROUP, os.W_OK), reason="the cgroup v1 memory controller is not writable"
+)
+def test_memory_available_is_the_cgroup_limit_less_what_is_in_use(tmp_path):
+    group = MEMORY_CGROUP / f"nk-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(1 << 30))
+        script = (
+            "import json, numpy; from neural_kernels import resources; "
+            "hold = numpy.ones(200 << 17); "  # 200 MiB
+            "m = resources.memory_available(); print(json.dumps([m.bytes, m.source]))"
+        )
+        enter = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c '{script}'"
+        result = subprocess.run(["sh", "-c", enter], capture_output=True, text=True, check=True)
+        available, source = json.loads(result.stdout)
+        assert str(group) in source and "1.00 GiB" in source
+        # the limit less the anonymous memory in use: Python, NumPy and the 200 MiB
+        assert (1 << 30) - 300 * MIB < available < (1 << 30) - 200 * MIB
+    finally:
+        group.rmdir()
+    # outside a limited cgroup, the machine's available memory (or SLURM's --mem)
+    here = resources.memory_available()
+    assert here.bytes > 0 and ("machine" in here.source or "cgroup" in here.source)
+
+
+def test_planned_solves_follow_the_sources_official_sizes():
+    from neural_kernels import sizing
+
+    config = sizing.load_config(REPO / "config/thesis.yaml")
+    solves = {(s.dataset, s.kernel, s.solver): s for s in sizing.planned_solves(config)}
+    cifar = solves[("cifar10", "myrtle10_gaussian_estimate", "flow_cpu")]
+    assert cifar.sizes == resources.SolveSizes(50_000, 10_000, 10) and not cifar.on_gpu
+    assert cifar.holds_bytes == 4 * 8 * 50_000**2 + 8 * 10_000 * 50_000 + (1 << 27) + (
+        4 * 8 * 60_000 * 10
+    )
+    assert cifar.hours == pytest.approx(2 * 12 * 50_000**3 / 1e12 / 3600)
+    flips = solves[("cifar10", "myrtle10_gaussian_flips_estimate", "pcg")]
+    assert flips.sizes.rows == 100_000 and flips.on_gpu
+    # T4 with crop 56 + flips: 100000 images x 1 crop x 2; val's centre crops scored too
+    crops = solves[("tiny_imagenet", "myrtle11_crop56_flips_estimate", "boosting")]
+    assert crops.sizes == resources.SolveSizes(200_000, 10_000 + 10_000, 200)
+    assert crops.kernel_gb == pytest.approx(8 * 200_000 * 220_000 / 1e9)
+    # boosting: two passes over the 320 GB block a step at 2 GB/s, 20 steps, two fits
+    assert crops.hours == pytest.approx(2 * 20 * 2 * 320 / 2 / 3600, rel=0.01)
+    # ImageNet-R: a seeded 9:1 hold-out of its 30000 images is test
+    r = solves[("imagenet_r", "myrtle15_estimate", "flow")]
+    assert r.sizes == resources.SolveSizes(27_000, 3_000, 200)
+    assert not [s for s in solves.values() if s.dataset == "tiny_imagenet" and s.method == "flow"]

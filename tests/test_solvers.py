@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.metrics.pairwise import rbf_kernel
 
+from neural_kernels import resources
 from neural_kernels.cli import main
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.solvers import (
@@ -19,10 +21,13 @@ from neural_kernels.solvers import (
     gradient_flow_alpha,
     gradient_flow_alpha_expm,
     kernel_ridge_alpha,
+    memory,
     one_hot_targets,
     ridge_path,
 )
-from neural_kernels.solvers.flow import flow_filter, kernel_matmul
+from neural_kernels.solvers import stage as stage_module
+from neural_kernels.solvers.flow import flow_filter, kernel_matmul, kernel_submatrix
+from neural_kernels.solvers.registry import SOLVERS
 from neural_kernels.solvers.stage import SolverSettings, solve_files
 
 
@@ -190,13 +195,19 @@ def test_boosting_streams_a_memory_map_like_a_tensor(digits_problem, tmp_path):
     mapped = np.load(tmp_path / "k.npy", mmap_mode="r")
     targets = t(one_hot_targets(p["y"]["train"], 10))
     kwargs = dict(batch_size=64, steps=2, eta_ts=[10.0, 1e3], seed=1, progress=False)
-    streamed = list(boosting_path(mapped, targets, {}, block_rows=37, **kwargs))[-1][1]
-    in_memory = list(boosting_path(t(p["train"]), targets, {}, **kwargs))[-1][1]
-    for a, b in zip(streamed, in_memory, strict=True):
-        torch.testing.assert_close(a["train"], b["train"], rtol=1e-12, atol=1e-12)
+    row = 8 * len(mapped)  # bytes of one float64 row: blocks of 37 rows, then of 1
+    for block_bytes in (37 * row, 1):
+        streamed = boosting_path(mapped, targets, {}, block_bytes=block_bytes, **kwargs)
+        in_memory = list(boosting_path(t(p["train"]), targets, {}, **kwargs))[-1][1]
+        for a, b in zip(list(streamed)[-1][1], in_memory, strict=True):
+            torch.testing.assert_close(a["train"], b["train"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(
-        kernel_matmul(mapped, targets, 50).numpy(), p["train"] @ targets.numpy()
+        kernel_matmul(mapped, targets, 50 * row).numpy(), p["train"] @ targets.numpy()
     )
+    index = np.sort(np.random.default_rng(0).choice(len(mapped), 70, replace=False))
+    for block_bytes in (1, 9 * row, 1 << 30):
+        block = kernel_submatrix(mapped, index, torch.device("cpu"), block_bytes).numpy()
+        np.testing.assert_array_equal(block, p["train"][np.ix_(index, index)])
 
 
 def test_centring_the_targets_changes_no_prediction(digits_problem):
@@ -411,8 +422,8 @@ def test_solve_cli_runs_and_reports_errors(digits_problem, tmp_path, capsys):
 @pytest.mark.cuda
 def test_gpu_solvers_match_cpu(digits_problem, tmp_path):
     labels = write_kernel_dir(tmp_path / "kernel", digits_problem)
-    for method in ("flow", "ridge", "boosting"):
-        settings = SolverSettings(method, batch_size=100, steps=3)
+    for method in ("flow", "ridge", "boosting", "pcg"):
+        settings = SolverSettings(method, batch_size=100, steps=3, rank=100)
         cpu, gpu = (
             solve_files(
                 tmp_path / "kernel", labels, tmp_path / f"{method}-{device}", settings,
@@ -490,3 +501,37 @@ def test_labels_out_of_range_are_refused(digits_problem, tmp_path, split, labels
     paths = write_kernel_dir(tmp_path / "kernel", digits_problem)
     np.save(paths[split], labels(digits_problem["y"][split]))
     solve_refused(tmp_path / "kernel", paths, tmp_path / "out", f"{split}_labels.npy: .*{message}")
+
+
+def test_a_solver_that_cannot_fit_is_refused_before_reading_the_kernel(
+    digits_problem, tmp_path, monkeypatch, capsys
+):
+    labels = write_kernel_dir(tmp_path / "kernel", digits_problem, refit=True)
+    # 500 fitted rows, 100 eval rows: the dense solvers hold 4 x 8 x 500^2 = 7.6 MiB
+    budget = resources.MemoryAvailable(5 * 2**20, "a test's budget")
+    monkeypatch.setattr(resources, "memory_available", lambda: budget)
+    monkeypatch.setattr(memory, "SOLVE_BLOCK_BYTES", 1 << 20)  # a 1 MiB row block
+    read = []
+    monkeypatch.setattr(stage_module, "load_problem", lambda *a: read.append(a))
+    args = ["solve", "--kernel-dir", str(tmp_path / "kernel"), "--labels"]
+    args += [f"{split}={path}" for split, path in labels.items()]
+    for method in ("flow", "ridge"):
+        out = tmp_path / method
+        assert main([*args, "--method", method, "--out-dir", str(out)]) == 1
+        error = capsys.readouterr().err
+        want = (
+            rf"error: solve --method {method} would hold 0.01 GiB \(its 500 x 500 float64 "
+            r"fitted block whole\) but this job has 0.00 GiB \(a test's budget\); use "
+            r"--method boosting or --method pcg, which stream the kernel from disk"
+        )
+        assert re.search(want, error), error
+        assert not out.exists() and not read
+    # the streaming solvers hold (N + E) x C per grid point and a row block: they fit
+    settings = SolverSettings("pcg", lambdas=(0.1,), rank=50)
+    solver = SOLVERS["pcg"]
+    assert solver.holds_bytes(settings, 500, 100, 10) < budget.bytes
+    monkeypatch.undo()
+    record = solve_files(
+        tmp_path / "kernel", labels, tmp_path / "pcg", settings, progress=False
+    )  # fmt: skip
+    assert record["test_accuracy"] > 0.8

@@ -270,7 +270,7 @@ def test_default_run_prepares_and_whitens_digits(workdir):
     solved = workdir / "results/solve/digits"
     t1 = ("myrtle10_gaussian_estimate", "myrtle10_gaussian_flips_estimate")  # kernel_solvers
     runs = [("full", kernel, "flow") for kernel in full]
-    runs += [("full", kernel, solver) for kernel in t1 for solver in ("ridge", "boosting")]
+    runs += [("full", kernel, solver) for kernel in t1 for solver in ("ridge", "pcg", "boosting")]
     runs += [(view, kernel, "flow") for view in subsets for kernel in subset]
     for view, kernel, solver in runs:
         metrics = json.loads((solved / view / kernel / solver / "metrics.json").read_text())
@@ -287,6 +287,8 @@ def test_default_run_prepares_and_whitens_digits(workdir):
         (solved / "full/myrtle10_gaussian_estimate/boosting/metrics.json").read_text()
     )
     assert {point["step"] for point in boosting["grid"]} == set(range(1, 21))
+    for kernel in t1:  # kernel ridge by conjugate gradients: the Cholesky's predictions
+        check_pcg_equals_ridge(solved / "full" / kernel)
     networks = ["myrtle7_network", "myrtle10_network", "resnet18"]
     for network in [*networks, "resnet18_crop6_flip", "resnet18_crop6"]:
         path = workdir / f"results/networks/digits/{network}/metrics.json"
@@ -318,9 +320,35 @@ def test_default_run_prepares_and_whitens_digits(workdir):
     check_memory_requests(workdir, result.stdout + result.stderr)
 
 
+def check_pcg_equals_ridge(kernel_dir: Path) -> None:
+    """pcg and ridge on one kernel: the same grid's accuracies, the same selection and
+    the selected predictions equal to 1e-6 of their largest magnitude."""
+    ridge, pcg = (
+        json.loads((kernel_dir / m / "metrics.json").read_text()) for m in ("ridge", "pcg")
+    )
+    assert [p["lambda"] for p in pcg["grid"]] == [p["lambda"] for p in ridge["grid"]]
+    for a, b in zip(ridge["grid"], pcg["grid"], strict=True):
+        assert a.get("accuracy") == b["accuracy"], (kernel_dir, a, b)
+        assert b["diagnostics"]["refit"]["converged"], (kernel_dir, b)
+    assert pcg["selected"]["lambda"] == ridge["selected"]["lambda"]
+    with (
+        np.load(kernel_dir / "ridge/predictions.npz") as a,
+        np.load(kernel_dir / "pcg/predictions.npz") as b,
+    ):
+        for key in ("val_scores", "test_scores"):
+            scale = np.abs(a[key]).max()
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6 * scale, err_msg=key)
+
+
+#: The solvers that stream their kernel: their requests follow what they hold, not the
+#: kernel's size.
+STREAMING_SOLVERS = ("boosting", "pcg")
+
+
 def check_memory_requests(workdir: Path, log: str) -> None:
     """Every job of a run peaked (its benchmark's max_rss) below the memory it asked a
-    cluster for (neural_kernels.resources, printed when the job started)."""
+    cluster for (neural_kernels.resources, printed when the job started), and a
+    streaming solve asked at most max(floor, 3 x its peak)."""
     asked = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", log):
         bench = re.search(r"^    benchmark: (\S+)", block, flags=re.M)
@@ -328,9 +356,14 @@ def check_memory_requests(workdir: Path, log: str) -> None:
         if bench and mem:
             asked[bench.group(1)] = int(mem.group(1))
     assert len(asked) > 90, len(asked)  # every job of the default run but 'all'
+    streaming = 0
     for path, mem_mb in asked.items():
         peak = pd.read_csv(workdir / path, sep="\t")["max_rss"].max()
         assert mem_mb >= 2000 and peak <= mem_mb, (path, peak, mem_mb)
+        if "/solve/" in path and Path(path).stem in STREAMING_SOLVERS:
+            streaming += 1
+            assert mem_mb <= max(2000, 3 * peak), (path, peak, mem_mb)
+    assert streaming >= 4, streaming  # T1's two kernels, boosting and pcg each
 
 
 def md5_of(path: Path) -> str:

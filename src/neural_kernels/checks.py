@@ -17,8 +17,9 @@ from neural_kernels.errors import DataError
 
 #: Bytes per scanned row block (a memory map is read this much at a time).
 BLOCK_BYTES = 1 << 27
-#: Tile rows of the symmetry check (two 4096 x 4096 float64 tiles: 256 MiB).
-BLOCK_ROWS = 4096
+#: Tile rows of the symmetry check (a 2048 x 2048 float64 tile is 32 MiB; it holds
+#: two tiles' difference and its absolute value at a time).
+BLOCK_ROWS = 2048
 #: Largest ``|K - K^T|``, relative to the largest ``|K_ii|``, of a symmetric block:
 #: ours are symmetric to round-off (< 1e-15); a larger gap means mismatched pieces.
 SYMMETRY_RTOL = 1e-6

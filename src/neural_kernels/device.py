@@ -77,6 +77,24 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 #: threshold) come from the heap, and up to 1 GiB of freed heap is kept for reuse.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _MALLOPT = ((_M_MMAP_THRESHOLD, 2**25), (_M_TRIM_THRESHOLD, 2**30), (_M_TOP_PAD, 2**26))
+#: What :func:`return_freed_cpu_memory` sets: allocations from 1 MiB up are mapped on
+#: their own and unmapped when freed, and a freed heap top above 1 MiB is trimmed.
+_MALLOPT_RETURN = ((_M_MMAP_THRESHOLD, 2**20), (_M_TRIM_THRESHOLD, 2**20), (_M_TOP_PAD, 0))
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
+    """Apply glibc ``mallopt`` settings (each one); ``True`` if all took. A no-op
+    (``False``) off Linux or off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+    applied = [mallopt(param, value) == 1 for param, value in settings]  # each one
+    log.debug("glibc mallopt %s: %s", settings, applied)
+    return all(applied)
 
 
 @functools.cache
@@ -93,13 +111,19 @@ def keep_freed_cpu_memory() -> bool:
     held at its peak, once per worker thread (each has its own malloc arena). The
     settings stay for the rest of the process. A no-op (``False``) off glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc
-        return False
-    applied = [mallopt(param, value) == 1 for param, value in _MALLOPT]  # each one
-    log.debug("glibc malloc keeps freed memory: %s", applied)
-    return all(applied)
+    return _mallopt(_MALLOPT)
+
+
+@functools.cache
+def return_freed_cpu_memory() -> bool:
+    """Make glibc's malloc give freed memory back to the kernel at once; ``True`` if set.
+
+    The opposite trade of :func:`keep_freed_cpu_memory`, for a job that must stay
+    within a memory limit (the solvers): by default glibc raises its mmap threshold
+    each time a mapped block is freed (up to 32 MiB), after which blocks of that size
+    come from the heap and freed ones stay with the process. Measured on a boosting
+    solve (2000-row batches of a 14000-row kernel), the process's anonymous memory
+    crept from 0.32 to 0.53 GiB over the batches by default. A fixed 1 MiB threshold
+    keeps it at what the solver holds. The settings stay for the rest of the process.
+    """
+    return _mallopt(_MALLOPT_RETURN)

@@ -473,8 +473,10 @@ SOLVER_NAMES = LazyChoices("neural_kernels.solvers.registry:SOLVERS")
 class SolverSettings:
     """A solver and its hyperparameter grid (empty grid: the solver's default grid).
 
-    ``eta_t``: flow and boosting (the per-batch flow); ``lambdas``: ridge;
-    ``batch_size`` (``M``), ``steps`` and ``seed`` (of the batch shuffles): boosting.
+    ``eta_t``: flow and boosting (the per-batch flow); ``lambdas``: ridge and pcg;
+    ``batch_size`` (``M``), ``steps`` and ``seed`` (of the batch shuffles): boosting;
+    ``rank`` (of the pivoted Cholesky preconditioner), ``tolerance`` (relative
+    residual) and ``max_iterations``: pcg.
     The grids are sorted from the most regularised candidate (see the tie rule of
     :mod:`neural_kernels.solvers.stage`).
     """
@@ -484,11 +486,16 @@ class SolverSettings:
         (), "flow/boosting: eta t grid (default: the solver's)", parse=float, many=True
     )
     lambdas: tuple[float, ...] = setting(
-        (), "ridge: lambda grid (default: the solver's)", parse=float, many=True
+        (), "ridge/pcg: lambda grid (default: the solver's)", parse=float, many=True
     )
     batch_size: int = setting(256, "boosting: batch size M", parse=positive_int, minimum=1)
     steps: int = setting(20, "boosting: number of steps", parse=positive_int, minimum=1)
     seed: int = setting(0, "boosting: seed of the batch shuffles", minimum=0)
+    rank: int = setting(1000, "pcg: rank of the preconditioner", parse=positive_int, minimum=1)
+    tolerance: float = setting(1e-8, "pcg: relative residual to stop at", parse=float)
+    max_iterations: int = setting(
+        500, "pcg: iterations (passes over the kernel) at most", parse=positive_int, minimum=1
+    )
 
     def __post_init__(self) -> None:
         from neural_kernels.solvers.registry import SOLVERS
@@ -505,6 +512,10 @@ class SolverSettings:
             )
         if self.batch_size < 1 or self.steps < 1 or self.seed < 0:
             raise NeuralKernelsError("batch_size and steps must be >= 1 and seed >= 0")
+        if not 0 < self.tolerance < 1 or self.rank < 1 or self.max_iterations < 1:
+            raise NeuralKernelsError(
+                "pcg needs 0 < tolerance < 1, rank >= 1 and max_iterations >= 1"
+            )
 
     def describe(self) -> dict:
         """The settings that matter for this method (what metrics.json records)."""

@@ -9,7 +9,7 @@ import os
 from snakemake.common.tbdstring import TBDString
 from snakemake.utils import validate
 
-from neural_kernels import layout, resources
+from neural_kernels import layout, resources, sizing
 from neural_kernels.data.prepared import (
     REFIT_SPLITS,
     SPLITS,
@@ -95,6 +95,10 @@ for _name, _cfg in DATASETS.items():
                 f"dataset {_name!r} lists network {_item!r}, which is not defined under "
                 f"'networks' (defined: {', '.join(NETWORKS) or 'none'}); define it or remove it"
             )
+
+# A dense solver that no configured node or GPU can hold is refused now, not after hours
+# of kernels (resources.node_mem_mb / gpu_mem_mb at the sources' official sizes).
+sizing.check_dense_solves(config)
 
 
 wildcard_constraints:
@@ -416,16 +420,17 @@ def job_runtime(stage):
 
 def job_mem_mb(stage, estimate):
     """The memory (MB) of a stage's jobs: config resources.mem_mb[stage] when set, else
-    ``estimate(wildcards, input)`` (neural_kernels.resources), at least min_mem_mb."""
+    ``estimate(wildcards, input)`` (neural_kernels.resources), at least min_mem_mb;
+    times the attempt, so that a job killed for memory asks for more when retried."""
     cfg = config["resources"]
 
-    def mem_mb(wildcards, input):
+    def mem_mb(wildcards, input, attempt):
         if stage in cfg["mem_mb"]:
-            return cfg["mem_mb"][stage]
+            return cfg["mem_mb"][stage] * attempt
         if not all(map(os.path.exists, input)):
             # a dry run's <TBD>: snakemake evaluates it again once the inputs exist
             return TBDString()
-        return max(cfg["min_mem_mb"], estimate(wildcards, input))
+        return max(cfg["min_mem_mb"], estimate(wildcards, input)) * attempt
 
     return mem_mb
 
@@ -490,7 +495,9 @@ def analytic_estimate(wildcards, input):
 
 
 def solve_estimate(wildcards, input):
-    return resources.solve_mem_mb(sum(map(os.path.getsize, input.kernel)))
+    settings = from_config(SolverSettings, SOLVERS[wildcards.solver])
+    sizes = resources.solve_sizes(input.kernel, input.train_labels)
+    return resources.solve_mem_mb(settings, sizes, on_gpu=bool(job_gpus(wildcards)))
 
 
 def train_estimate(wildcards, input):

@@ -22,13 +22,21 @@ from neural_kernels.settings import Registry
 
 @dataclass(frozen=True)
 class ArchiveSource:
-    """An archive on the web that :func:`neural_kernels.data.prepare.prepare_dataset` reads."""
+    """An archive on the web that :func:`neural_kernels.data.prepare.prepare_dataset` reads.
+
+    ``train_images``, ``test_images`` (``None``: no official test split, all images
+    are ``train_images``) and ``classes`` are its official sizes, which size the
+    configured solves before anything is downloaded (:mod:`neural_kernels.sizing`).
+    """
 
     name: str
     url: str
     filename: str
     checksum: str
     description: str
+    train_images: int
+    test_images: int | None
+    classes: int
 
 
 ARCHIVES: dict[str, ArchiveSource] = {
@@ -40,6 +48,9 @@ ARCHIVES: dict[str, ArchiveSource] = {
             filename="cifar-10-python.tar.gz",
             checksum="md5:c58f30108f718f92721af3b95e74349a",
             description="CIFAR-10, python pickles: 50000 train / 10000 test, 32x32x3, 10 classes",
+            train_images=50_000,
+            test_images=10_000,
+            classes=10,
         ),
         ArchiveSource(
             name="tiny_imagenet",
@@ -47,6 +58,9 @@ ARCHIVES: dict[str, ArchiveSource] = {
             filename="tiny-imagenet-200.zip",
             checksum="md5:90528d7ca1a48142e341f4ef8d21d0de",
             description="Tiny ImageNet: 100000 train / 10000 val (our test), 64x64x3, 200 classes",
+            train_images=100_000,
+            test_images=10_000,
+            classes=200,
         ),
         ArchiveSource(
             name="imagenet_r",
@@ -54,6 +68,9 @@ ARCHIVES: dict[str, ArchiveSource] = {
             filename="imagenet-r.tar",
             checksum="md5:a61312130a589d0ca1a8fca1f2bd3337",
             description="ImageNet-R: 30000 renditions of 200 ImageNet classes, variable size",
+            train_images=30_000,
+            test_images=None,
+            classes=200,
         ),
     )
 }

@@ -178,7 +178,8 @@ def figure_boosting(results: Results) -> Figure | None:
 
 
 def figure_flow_vs_ridge(results: Results) -> Figure | None:
-    runs = [s for s in results.solves if s["method"] in ("flow", "ridge") and s["view"] == "full"]
+    ridge = ("ridge", "pcg")  # kernel ridge regression, by Cholesky or conjugate gradients
+    runs = [s for s in results.solves if s["method"] in ("flow", *ridge) and s["view"] == "full"]
     if not runs:
         return None
     fig, ax = _axes("eta t  (ridge: 1 / lambda)", "validation accuracy (%)", logx=True)
@@ -192,7 +193,7 @@ def figure_flow_vs_ridge(results: Results) -> Figure | None:
         key = (s["dataset"], s["kernel_name"])
         (line,) = ax.plot(
             xs, [100 * p["accuracy"]["val"] for p in points],
-            "-" if s["method"] == "flow" else "--", color=colors.get(key),
+            {"flow": "-", "ridge": "--"}.get(s["method"], ":"), color=colors.get(key),
             label=f"{s['dataset']} {s['kernel_name']} {s['method']}",
         )  # fmt: skip
         colors.setdefault(key, line.get_color())
@@ -200,8 +201,9 @@ def figure_flow_vs_ridge(results: Results) -> Figure | None:
     return Figure(
         "flow_vs_ridge",
         "Gradient flow against kernel ridge",
-        "Validation accuracy along the flow's eta t (solid) and ridge's 1 / lambda "
-        "(dashed): the thesis preferred the flow for being less sensitive to eta.",
+        "Validation accuracy along the flow's eta t (solid) and kernel ridge's 1 / lambda "
+        "(dashed: Cholesky; dotted: conjugate gradients): the thesis preferred the flow "
+        "for being less sensitive to eta.",
         _svg(fig),
     )
 
@@ -222,7 +224,7 @@ def cost_growth(results: Results) -> list[dict]:
             xs, ys = [r["P"] for r in rows], [r["seconds"] for r in rows]
             series.append({"stage": f"ZCA {solver}", "size": "P", "x": xs, "y": ys})
     scaling = results.scripts.get("solvers", {}).get("scaling", [])
-    for method in ("flow", "ridge", "boosting"):
+    for method in ("flow", "ridge", "boosting", "pcg"):
         rows = [r for r in scaling if r["method"] == method]
         if rows:
             xs, ys = [r["n"] for r in rows], [r["seconds"] for r in rows]

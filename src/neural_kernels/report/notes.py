@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
 SOLVERS = {
     "flow": "gradient flow, eta t chosen on val",
     "ridge": "kernel ridge regression, lambda chosen on val",
+    "pcg": "kernel ridge regression by preconditioned conjugate gradients (streamed from "
+    "disk), lambda chosen on val",
     "boosting": "batched boosting, the step and eta t chosen on val",
 }
 ZCA = {

@@ -177,6 +177,13 @@ def analogue_text(cell: dict) -> str:
     return f" ({', '.join(changes)}: {why})" if changes else ""
 
 
+def cell_solvers(cell: dict) -> list[str]:
+    """The solver methods that fill a cell: its ``solver``, one name or a list (kernel
+    ridge: ``[ridge, pcg]``, the Cholesky and conjugate gradients)."""
+    solver = cell["solver"]
+    return [solver] if isinstance(solver, str) else list(solver)
+
+
 def _find(results: Results, table: dict, cell: dict, source: str, exact: bool) -> list[Entry]:
     """Our entries for ``cell`` on datasets of kind ``source``."""
     view_ok = _view_matches if exact else _analogue_view
@@ -188,7 +195,7 @@ def _find(results: Results, table: dict, cell: dict, source: str, exact: bool) -
             if (
                 results.source(s["dataset"]) == source
                 and view_ok(s["view"], table)
-                and s["method"] == cell["solver"]
+                and s["method"] in cell_solvers(cell)
                 and _subset(spec, s["kernel"])
             ):
                 views = "full" if s["view"] == "full" else "subsets"

@@ -35,8 +35,9 @@ from neural_kernels.solvers.flow import (
     flow_alpha_from_eigh,
     kernel_eigh,
     kernel_matmul,
-    kernel_rows,
+    kernel_submatrix,
 )
+from neural_kernels.solvers.memory import SOLVE_BLOCK_BYTES
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings
@@ -60,14 +61,14 @@ def boosting_path(
     steps: int,
     eta_ts: Sequence[float],
     seed: int = 0,
-    block_rows: int = 4096,
+    block_bytes: int = SOLVE_BLOCK_BYTES,
     progress: bool = True,
 ) -> Iterator[tuple[int, list[dict[str, Tensor]]]]:
     """Run boosting for every ``eta t`` at once; yield after each step.
 
-    ``kernel`` is ``K(X, X)`` (``N x N``), ``targets`` ``Y`` (``N x C`` on the working
-    device), ``evals`` maps a split name to ``K(Z, X)``. All ``eta t`` runs share the
-    batch shuffles and each batch's eigendecomposition. Yields ``(step, scores)`` with
+    ``kernel``: ``K(X, X)`` (a memory map is read ``block_bytes`` at a time); ``targets``:
+    ``Y`` (``N x C``, on the working device); ``evals``: split -> ``K(Z, X)``. The ``eta
+    t`` runs share the batch shuffles and eigendecompositions. Yields ``(step, scores)``,
     ``scores[i]`` the predictions ``{"train": F(X), <split>: F(Z)}`` of ``eta_ts[i]``
     after ``step`` steps (1-based): copies, which later steps leave alone, so
     ``list(boosting_path(...))`` holds every step's own predictions.
@@ -96,7 +97,7 @@ def boosting_path(
             alpha = torch.zeros_like(scores["train"])
             for batch in batches:
                 index = torch.from_numpy(batch).to(device)
-                block = kernel_rows(kernel, batch, device)[:, index]
+                block = kernel_submatrix(kernel, batch, device, block_bytes)
                 eigenvalues, eigenvectors = kernel_eigh(block)
                 for eta_t, cols in zip(eta_ts, columns, strict=True):
                     residual = targets[index] - scores["train"][index, cols]
@@ -104,9 +105,9 @@ def boosting_path(
                         eigenvalues, eigenvectors, residual, eta_t
                     ) / len(batches)
                 bar.update(1)
-            scores["train"] += kernel_matmul(kernel, alpha, block_rows)
+            scores["train"] += kernel_matmul(kernel, alpha, block_bytes)
             for name, k in evals.items():
-                scores[name] += kernel_matmul(k, alpha, block_rows)
+                scores[name] += kernel_matmul(k, alpha, block_bytes)
             yield (
                 step,
                 [{name: s[:, cols].clone() for name, s in scores.items()} for cols in columns],

@@ -31,6 +31,7 @@ import torch
 from numpy.typing import NDArray
 
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.solvers.memory import F8, SOLVE_BLOCK_BYTES
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings
@@ -141,19 +142,45 @@ def kernel_ridge_alpha(kernel: Tensor, targets: Tensor, lam: float) -> Tensor:
 
 
 def kernel_rows(kernel: Matrix, rows: NDArray | slice, device: torch.device) -> Tensor:
-    """``kernel[rows]`` as a float64 tensor on ``device`` (a memory map is read lazily)."""
+    """``kernel[rows]`` as a float64 tensor on ``device``, copied once: a memory map is
+    read lazily, and rows picked by an index array (already a copy) are not copied
+    again."""
     if isinstance(kernel, Tensor):
         return kernel[rows].to(device=device, dtype=torch.float64)
-    return torch.from_numpy(np.array(kernel[rows], dtype=np.float64)).to(device)
+    block = kernel[rows]
+    shared = np.may_share_memory(block, kernel)  # a view (a slice); else already a copy
+    block = np.array(block, np.float64) if shared else np.asarray(block, np.float64)
+    return torch.from_numpy(block).to(device)
 
 
-def kernel_matmul(kernel: Matrix, right: Tensor, block_rows: int = 4096) -> Tensor:
-    """``kernel @ right`` with ``kernel`` streamed to ``right``'s device in row blocks."""
+def block_rows(columns: int, block_bytes: int = SOLVE_BLOCK_BYTES) -> int:
+    """Rows of a ``columns``-wide float64 block that fit ``block_bytes`` (at least 1)."""
+    return max(1, block_bytes // (F8 * max(columns, 1)))
+
+
+def kernel_matmul(kernel: Matrix, right: Tensor, block_bytes: int = SOLVE_BLOCK_BYTES) -> Tensor:
+    """``kernel @ right`` with ``kernel`` streamed to ``right``'s device in row blocks
+    of ``block_bytes`` (a memory map is never read whole)."""
     n = kernel.shape[0]
     out = torch.empty(n, right.shape[1], dtype=right.dtype, device=right.device)
-    for start in range(0, n, block_rows):
-        rows = slice(start, min(n, start + block_rows))
+    step = block_rows(kernel.shape[1], block_bytes)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
         out[rows] = kernel_rows(kernel, rows, right.device) @ right
+    return out
+
+
+def kernel_submatrix(
+    kernel: Matrix, index: NDArray, device: torch.device, block_bytes: int = SOLVE_BLOCK_BYTES
+) -> Tensor:
+    """``kernel[index][:, index]`` (``index`` sorted) as a float64 tensor on ``device``,
+    reading ``block_bytes`` of full rows at a time."""
+    out = torch.empty(len(index), len(index), dtype=torch.float64, device=device)
+    columns = torch.from_numpy(np.asarray(index)).to(device)
+    step = block_rows(kernel.shape[1], block_bytes)
+    for start in range(0, len(index), step):
+        part = slice(start, start + step)
+        out[part] = kernel_rows(kernel, index[part], device)[:, columns]
     return out
 
 

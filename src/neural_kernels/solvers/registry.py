@@ -6,8 +6,12 @@ candidate generator as ``"module:function"`` (imported when a solve runs): a fun
 ``(settings, fit, targets, device, progress)`` that yields ``(hyperparameters,
 scores)`` for every point of its grid, ``scores`` mapping ``"train"`` and each eval
 split of ``fit`` to a ``(rows, classes)`` tensor, or an error message for a point that
-failed (see :func:`neural_kernels.solvers.flow.flow_candidates`). A new solver is such
-a function and one :func:`register_solver` call.
+failed (see :func:`neural_kernels.solvers.flow.flow_candidates`). Hyperparameters may
+carry a ``"diagnostics"`` entry (pcg's iterations and residual), which metrics.json
+records but selection ignores. Each entry also states what it holds in memory
+(:mod:`neural_kernels.solvers.memory`) and whether it streams the kernel from disk; a
+solver that does not is refused up front where its footprint exceeds the job's memory.
+A new solver is such a function and one :func:`register_solver` call.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neural_kernels.settings import Registry
+from neural_kernels.solvers import memory
 
 #: Default grids: 2 points per decade. The Myrtle kernels have a unit diagonal, so
 #: these absolute values suit every dataset (eigenvalues run up to about N).
@@ -33,7 +38,11 @@ class Solver:
     ``grid``: the :class:`~neural_kernels.settings.SolverSettings` field it searches
     (``eta_t`` or ``lambdas``), sorted from the most regularised candidate;
     ``settings``: every field it reads (what metrics.json records);
-    ``candidates``: its generator (``"module:function"`` or the function itself).
+    ``candidates``: its generator (``"module:function"`` or the function itself);
+    ``footprint``: the bytes it holds, ``(settings, rows, eval_rows, classes, grid)``
+    (:mod:`neural_kernels.solvers.memory`); ``streams``: whether it reads the kernel
+    from disk in row blocks (else it loads the fitted block whole and is refused where
+    that cannot fit).
     """
 
     name: str
@@ -41,8 +50,15 @@ class Solver:
     settings: tuple[str, ...]
     candidates: str | Callable
     description: str
+    footprint: Callable[..., int] = memory.dense_bytes
+    streams: bool = False
     default_eta_t: tuple[float, ...] = DEFAULT_ETA_T
     default_lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+
+    def holds_bytes(self, settings, rows: int, eval_rows: int, classes: int) -> int:
+        """What this solver holds on a problem of these sizes, in bytes."""
+        grid = len(getattr(settings, self.grid))
+        return self.footprint(settings, rows, eval_rows, classes, grid)
 
 
 SOLVERS: Registry = Registry("solver method")
@@ -63,6 +79,11 @@ for _solver in (
     Solver("boosting", "eta_t", ("eta_t", "batch_size", "steps", "seed"),
            f"{_STAGE}.boosting:boosting_candidates",
            "batched stochastic gradient boosting; never factorises the full kernel",
+           footprint=memory.boosting_bytes, streams=True,
            default_eta_t=DEFAULT_BOOSTING_ETA_T),
+    Solver("pcg", "lambdas", ("lambdas", "rank", "tolerance", "max_iterations"),
+           f"{_STAGE}.pcg:pcg_candidates",
+           "kernel ridge regression by preconditioned conjugate gradients, streamed",
+           footprint=memory.pcg_bytes, streams=True),
 ):  # fmt: skip
     register_solver(_solver)
