@@ -107,7 +107,8 @@ def measure_one(method: str, n: int, batch_size: int, steps: int, device_arg: st
                      accuracy(score["test"], labels["test"]), {"step": step, "eta_t": eta_t})
                 )  # fmt: skip
     elif method == "pcg":
-        for value, scores, diagnostics in pcg_path(kernel, targets, evals, LAMBDAS, **PCG):
+        settings = SolverSettings("pcg", lambdas=tuple(LAMBDAS), **PCG)
+        for value, scores, diagnostics in pcg_path(kernel, targets, evals, settings):
             sync(device)
             points.append(
                 (time.perf_counter() - started, accuracy(scores["val"], labels["val"]),
@@ -264,6 +265,57 @@ def boosting_target(scaling: list[dict], batch_size: int) -> list[dict]:
     return rows
 
 
+def solver_table(report: dict) -> list[dict]:
+    """One table of time and accuracy: every solver at every N in memory (the scaling
+    runs, where flow fits), then pcg and boosting, and flow's refusal, beyond memory."""
+    rows = [
+        {"n": r["n"], "method": r["method"], "where": "in memory", "seconds": r["seconds"],
+         "peak_mb": r.get("device_peak_allocated_mb", r["host_peak_rss_mb"]),
+         "test_accuracy": r["test_accuracy"], "note": f"selected {r['selected']}"}
+        for r in report["scaling"]
+    ]  # fmt: skip
+    big = report["beyond_memory"]
+    where = f"capped {big['cap_gb']:.2f} GiB" if big["cap_gb"] else "uncapped (no cgroup)"
+    for r in big["solves"]:
+        chosen = {
+            k: v for k, v in r.get("selected", {}).items() if k in ("eta_t", "lambda", "step")
+        }
+        note = r["error"] or f"selected {chosen}"
+        rows.append(
+            {"n": big["rows"], "method": r["method"], "where": where, "seconds": r["seconds"],
+             "peak_mb": r.get("cgroup_peak_mb"), "test_accuracy": r.get("test_accuracy"),
+             "note": note if r["returncode"] == 0 else f"exit {r['returncode']}: {note}"}
+        )  # fmt: skip
+    return rows
+
+
+def print_report(report: dict) -> None:
+    print(f"device: {report['device']} ({report['threads']} threads)")
+    print("\nsolvers: synthetic 10-class RBF kernels, test accuracy of the val-selected point")
+    print(f"{'N':>6} {'method':<9}{'where':<22}{'seconds':>9}{'peak MiB':>10}{'test acc':>9}  note")
+    for r in report["table"]:
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.3f}"
+        print(f"{r['n']:>6} {r['method']:<9}{r['where']:<22}{r['seconds']:>9.2f}{peak:>10}"
+              f"{acc:>9}  {r['note'][:90]}")  # fmt: skip
+    print("\ntarget: boosting within 0.5 points of the flow in <= 1/4 of its time, N >= 8 M")
+    for r in report["target"]:
+        print(
+            f"N = {r['n']}: gap {r['accuracy_gap_points']:+.2f} points, time ratio "
+            f"{r['time_ratio']:.2f} -> {'met' if r['met'] else 'NOT met'}"
+        )
+    if not report["digits"]:
+        print("\ndigits: no kernels under results/kernels/digits/full (run snakemake first)")
+        return
+    print("\ndigits, the default run's kernels (selected on val)")
+    print(f"{'kernel':<34}{'method':<9}{'val':>7}{'test':>7}{'best-on-test':>13}  selected")
+    for r in report["digits"]:
+        print(
+            f"{r['kernel']:<34}{r['method']:<9}{r['val_accuracy']:>7.3f}"
+            f"{r['test_accuracy']:>7.3f}{r['best_on_test']:>13.3f}  {r['selected']}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -292,42 +344,9 @@ def main() -> None:
     ]
     report["target"] = boosting_target(report["scaling"], batch_size)
     report["beyond_memory"] = beyond_memory(2000 if args.quick else args.big, args.cap_gb)
+    report["table"] = solver_table(report)
     report["digits"] = digits_accuracy(Path("results/kernels/digits/full"), args.device)
-
-    print(f"device: {report['device']} ({report['threads']} threads)")
-    print(f"\nscaling (synthetic 10-class RBF problem; boosting M = {batch_size})")
-    print(f"{'N':>6} {'method':<9}{'seconds':>9}{'to selected':>12}{'peak MiB':>10}{'test acc':>9}")
-    for r in report["scaling"]:
-        peak = r.get("device_peak_allocated_mb", r["host_peak_rss_mb"])
-        print(
-            f"{r['n']:>6} {r['method']:<9}{r['seconds']:>9.2f}{r['seconds_to_selected']:>12.2f}"
-            f"{peak:>10.0f}{r['test_accuracy']:>9.3f}"
-        )
-    print("\ntarget: boosting within 0.5 points of the flow in <= 1/4 of its time, N >= 8 M")
-    for r in report["target"]:
-        print(
-            f"N = {r['n']}: gap {r['accuracy_gap_points']:+.2f} points, time ratio "
-            f"{r['time_ratio']:.2f} -> {'met' if r['met'] else 'NOT met'}"
-        )
-    big = report["beyond_memory"]
-    cap = f"capped at {big['cap_gb']:.2f} GiB" if big["cap_gb"] else "uncapped (no cgroup here)"
-    print(f"\nbeyond memory: N = {big['rows']} ({big['train_block_gb']:.2f} GiB block), {cap}")
-    print(f"{'method':<9}{'exit':>5}{'seconds':>9}{'peak MiB':>9}{'test acc':>9}")
-    for r in big["solves"]:
-        accuracy_text = f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else "-"
-        print(f"{r['method']:<9}{r['returncode']:>5}{r['seconds']:>9.1f}"
-              f"{r.get('cgroup_peak_mb', float('nan')):>9.0f}{accuracy_text:>9}"
-              + (f"  {r['error']}" if r["error"] else ""))  # fmt: skip
-    if report["digits"]:
-        print("\ndigits, default Myrtle5 kernels (selected on val)")
-        print(f"{'kernel':<18}{'method':<9}{'val':>7}{'test':>7}{'best-on-test':>13}  selected")
-        for r in report["digits"]:
-            print(
-                f"{r['kernel']:<18}{r['method']:<9}{r['val_accuracy']:>7.3f}"
-                f"{r['test_accuracy']:>7.3f}{r['best_on_test']:>13.3f}  {r['selected']}"
-            )
-    else:
-        print("\ndigits: no kernels under results/kernels/digits/full (run snakemake first)")
+    print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -19,6 +19,7 @@ from sklearn.metrics.pairwise import rbf_kernel
 from test_solvers import write_kernel_dir
 
 from neural_kernels.cli import main
+from neural_kernels.settings import SolverSettings
 from neural_kernels.solvers.flow import one_hot_targets
 from neural_kernels.solvers.pcg import (
     low_rank_preconditioner,
@@ -28,6 +29,12 @@ from neural_kernels.solvers.pcg import (
 )
 
 CPU = torch.device("cpu")
+
+
+def pcg(lambdas: list[float], **settings) -> SolverSettings:
+    """pcg's settings with a grid of ``lambdas`` (given from the largest down)."""
+    assert lambdas == sorted(lambdas, reverse=True)  # as SolverSettings sorts them
+    return SolverSettings("pcg", lambdas=tuple(lambdas), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +91,8 @@ def test_pcg_solves_kernel_ridge_for_every_lambda_at_once(digits, rank, tmp_path
     lambdas = [1e-1, 1e-2, 1e-3]  # condition numbers to 3e5 (eigenvalues 1.1e-3 to 320)
     np.save(tmp_path / "k.npy", k)
     mapped = np.load(tmp_path / "k.npy", mmap_mode="r")
-    result = pcg_solve(
-        mapped, torch.from_numpy(targets), lambdas, rank=rank, tolerance=1e-10,
-        max_iterations=500, block_bytes=37 * 8 * 500,
-    )  # fmt: skip
+    settings = pcg(lambdas, rank=rank, tolerance=1e-10, max_iterations=500)
+    result = pcg_solve(mapped, torch.from_numpy(targets), settings, block_bytes=37 * 8 * 500)
     for g, lam in enumerate(lambdas):
         want = np.linalg.solve(k + lam * np.eye(500), targets)
         got = result.alpha[:, g * 10 : (g + 1) * 10].numpy()
@@ -105,7 +110,8 @@ def test_pcg_solves_kernel_ridge_for_every_lambda_at_once(digits, rank, tmp_path
 def test_pcg_records_a_lambda_that_did_not_converge(digits):
     targets = torch.from_numpy(one_hot_targets(digits["labels"], 10))
     kernel = torch.from_numpy(digits["kernel"])
-    result = pcg_solve(kernel, targets, [1.0, 1e-8], rank=5, tolerance=1e-10, max_iterations=4)
+    settings = pcg([1.0, 1e-8], rank=5, tolerance=1e-10, max_iterations=4)
+    result = pcg_solve(kernel, targets, settings)
     assert result.iterations == [4, 4] or result.converged[0]
     assert not result.converged[1] and result.residuals[1] > 1e-10
     # the recorded residual is the true one, recomputed from alpha
@@ -119,10 +125,8 @@ def test_pcg_path_scores_every_block(digits):
     k, y = digits["kernel"], digits["labels"]
     train, test = k[:400, :400], k[400:, :400]
     targets = torch.from_numpy(one_hot_targets(y[:400], 10))
-    path = pcg_path(
-        torch.from_numpy(train), targets, {"test": test}, [1e-2, 1e-4], rank=50,
-        tolerance=1e-10, max_iterations=300,
-    )  # fmt: skip
+    settings = pcg([1e-2, 1e-4], rank=50, tolerance=1e-10, max_iterations=300)
+    path = pcg_path(torch.from_numpy(train), targets, {"test": test}, settings)
     for lam, scores, diagnostics in path:
         alpha = np.linalg.solve(train + lam * np.eye(400), targets.numpy())
         np.testing.assert_allclose(scores["test"].numpy(), test @ alpha, atol=1e-8)
@@ -164,3 +168,18 @@ def test_solve_pcg_selects_and_scores_as_ridge(digits, tmp_path):
     ):
         for key in ("val_scores", "test_scores"):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6 * np.abs(a[key]).max())
+
+
+def test_a_zero_target_column_converges_at_once_and_a_breakdown_stops_without_nan(digits):
+    kernel = torch.from_numpy(digits["kernel"])
+    targets = torch.from_numpy(one_hot_targets(digits["labels"], 10))
+    targets[:, 3] = 0.0  # no target: alpha = 0, converged before any iteration
+    settings = pcg([1e-2], rank=20, tolerance=1e-10, max_iterations=300)
+    result = pcg_solve(kernel, targets, settings)
+    assert result.converged == [True] and torch.all(result.alpha[:, 3] == 0)
+    assert torch.isfinite(result.alpha).all() and result.residuals[0] <= 1e-10
+    # K + lambda I negative definite: p^T (K + lambda I) p < 0 at once, nothing updated
+    negative = -torch.eye(50, dtype=torch.float64)
+    broken = pcg_solve(negative, targets[:50], pcg([0.5], rank=5, max_iterations=9))
+    assert broken.converged == [False] and broken.iterations == [1]
+    assert torch.all(broken.alpha == 0) and broken.residuals == [1.0]

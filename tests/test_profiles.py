@@ -609,11 +609,15 @@ def test_readme_full_reproduction_commands_name_real_files():
         assert variable in (REPO / SLURM / "config.v9+.yaml").read_text()
 
 
-def test_a_dense_solver_no_node_can_hold_is_refused_before_any_job(workdir):
+def test_a_solve_no_node_or_gpu_can_hold_is_refused_before_any_job(workdir):
     config = yaml.safe_load(THESIS.read_text())
     config["datasets"]["tiny_imagenet"]["solvers"].append("flow_cpu")
-    (workdir / "dense.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, "-n", "--configfile", "dense.yaml")
+
+    def dry_run() -> subprocess.CompletedProcess:
+        (workdir / "sized.yaml").write_text(yaml.safe_dump(config))
+        return snakemake(workdir, "-n", "--configfile", "sized.yaml")
+
+    result = dry_run()
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert (
@@ -621,7 +625,13 @@ def test_a_dense_solver_no_node_can_hold_is_refused_before_any_job(workdir):
         "fitted rows, a 320 GB block, 4 times) but a node has 256 GB" in out
     ), out[-3000:]
     assert "Use boosting or pcg, which stream the kernel from disk" in out
-    # a node with the memory passes
-    config["resources"]["node_mem_mb"] = 1_400_000
-    (workdir / "dense.yaml").write_text(yaml.safe_dump(config))
-    assert snakemake(workdir, "-n", "--configfile", "dense.yaml").returncode == 0
+    config["resources"]["node_mem_mb"] = 1_400_000  # a node with the memory passes
+    assert dry_run().returncode == 0
+    # a streaming solver's grid too big for the GPU is refused too
+    config["resources"]["gpu_mem_mb"] = 20_000
+    result = dry_run()
+    assert result.returncode != 0
+    assert (
+        "tiny_imagenet/myrtle11_crop56_flips_estimate/pcg_large: pcg holds 31 GB (200000 + "
+        "20000 rows x 200 classes x its grid) but a GPU has 20 GB" in result.stdout + result.stderr
+    ), result.stdout[-3000:]

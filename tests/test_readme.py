@@ -30,11 +30,11 @@ def test_readme_run_command_targets_the_default_config():
 
 def test_readme_solve_table_is_the_thesis_configs():
     """README's table of every thesis solve is what neural_kernels.sizing prints now."""
-    from neural_kernels.sizing import check_dense_solves, load_config, solve_table
+    from neural_kernels.sizing import check_solves_fit, load_config, solve_table
 
     readme = (REPO / "README.md").read_text()
     start = readme.index("<!-- solve table: python -m neural_kernels.sizing config/thesis.yaml -->")
     end = readme.index("<!-- end of solve table -->")
     config = load_config(REPO / "config/thesis.yaml")
     assert readme[start:end].split("\n", 1)[1].strip() == solve_table(config)
-    check_dense_solves(config)  # the plan fits its nodes
+    check_solves_fit(config)  # the plan fits its nodes

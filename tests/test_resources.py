@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from neural_kernels import resources
+from neural_kernels import limits, resources
 from neural_kernels.errors import DataError
 from neural_kernels.resources import BASE_BYTES, MIB
 from neural_kernels.settings import EstimateSettings, KernelSpec, SolverSettings, ZcaSettings
+from neural_kernels.solvers.memory import SolveSizes, solve_sizes
 
 
 def sparse_npy(path, shape, dtype=np.float32):
@@ -113,8 +114,8 @@ def test_solve_memory_follows_what_each_solver_holds(tmp_path):
     ]
     labels = tmp_path / "train_labels.npy"
     np.save(labels, np.arange(45_000) % c)
-    sizes = resources.solve_sizes(kernel, labels)
-    assert sizes == resources.SolveSizes(rows=n, eval_rows=e, classes=c)
+    sizes = solve_sizes(kernel, labels)
+    assert sizes == SolveSizes(rows=n, eval_rows=e, classes=c)
     block = 1 << 27  # a streamed row block
     # the dense solvers hold four N x N float64 matrices (measured 4.03-4.12)
     flow = SolverSettings("flow", eta_t=(1.0, 10.0))
@@ -134,7 +135,7 @@ def test_solve_memory_follows_what_each_solver_holds(tmp_path):
     assert resources.solve_mem_mb(flow, sizes, on_gpu=True) == mib(8 * n * n + 2 * block)
     assert resources.solve_mem_mb(pcg, sizes, on_gpu=True) == mib(2 * block)
     with pytest.raises(DataError, match="no train.npy"):
-        resources.solve_sizes(kernel[1:], labels)
+        solve_sizes(kernel[1:], labels)
 
 
 def test_zca_memory_follows_the_solver(tmp_path, cifar):
@@ -186,15 +187,15 @@ MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
 @pytest.mark.skipif(
     not os.access(MEMORY_CGROUP, os.W_OK), reason="the cgroup v1 memory controller is not writable"
 )
-def test_memory_available_is_the_cgroup_limit_less_what_is_in_use(tmp_path):
+def test_memory_available_is_the_cgroup_limit_less_what_is_in_use():
     group = MEMORY_CGROUP / f"nk-test-{os.getpid()}"
     group.mkdir()
     try:
         (group / "memory.limit_in_bytes").write_text(str(1 << 30))
         script = (
-            "import json, numpy; from neural_kernels import resources; "
+            "import json, numpy; from neural_kernels import limits; "
             "hold = numpy.ones(200 << 17); "  # 200 MiB
-            "m = resources.memory_available(); print(json.dumps([m.bytes, m.source]))"
+            "m = limits.memory_available(); print(json.dumps([m.bytes, m.source]))"
         )
         enter = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c '{script}'"
         result = subprocess.run(["sh", "-c", enter], capture_output=True, text=True, check=True)
@@ -204,9 +205,72 @@ def test_memory_available_is_the_cgroup_limit_less_what_is_in_use(tmp_path):
         assert (1 << 30) - 300 * MIB < available < (1 << 30) - 200 * MIB
     finally:
         group.rmdir()
-    # outside a limited cgroup, the machine's available memory (or SLURM's --mem)
-    here = resources.memory_available()
-    assert here.bytes > 0 and ("machine" in here.source or "cgroup" in here.source)
+
+
+def fake_proc(tmp_path, monkeypatch, cgroup: str, mountinfo: str, anon_kb: int = 1024) -> None:
+    """Point neural_kernels.limits at a /proc of ``tmp_path``'s (8 GiB available)."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    files = {"cgroup": cgroup, "mountinfo": mountinfo, "meminfo": "MemAvailable: 8388608 kB\n",
+             "status": f"VmRSS: {2 * anon_kb} kB\nRssAnon: {anon_kb} kB\n"}  # fmt: skip
+    for name, text in files.items():
+        (proc / name).write_text(text)
+    constants = {"PROC_SELF_CGROUP": "cgroup", "PROC_SELF_MOUNTINFO": "mountinfo",
+                 "PROC_MEMINFO": "meminfo", "PROC_SELF_STATUS": "status"}  # fmt: skip
+    for constant, name in constants.items():
+        monkeypatch.setattr(limits, constant, proc / name)
+    for variable in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def cgroup_dir(path: Path, limit: str, stat: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ("memory.max" if "anon" in stat else "memory.limit_in_bytes")).write_text(limit)
+    (path / "memory.stat").write_text(stat)
+    return path
+
+
+def test_memory_available_reads_cgroup_v1_seen_from_a_container(tmp_path, monkeypatch):
+    # the container's cgroup /docker/abc is the root of its memory mount; the process
+    # sits in its sub-cgroup job, limited to 1 GiB, under the container's 4 GiB
+    mount = tmp_path / "memory"
+    cgroup_dir(mount, str(4 << 30), "total_rss 0\n")
+    job = cgroup_dir(mount / "job", str(1 << 30), f"cache 5\ntotal_rss {100 * MIB}\n")
+    fake_proc(
+        tmp_path, monkeypatch, "5:cpu:/docker/abc/job\n4:memory:/docker/abc/job\n0::/\n",
+        f"30 20 0:26 /docker/abc {mount} rw - cgroup cgroup rw,memory\n",
+    )  # fmt: skip
+    found = limits.memory_available()
+    assert found.bytes == (1 << 30) - 100 * MIB and str(job) in found.source
+    assert len(limits.cgroup_limits()) == 2  # and its parent's, up to the mount
+    # no limit anywhere: the machine's available memory
+    (job / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1 "unlimited"
+    (mount / "memory.limit_in_bytes").write_text("9223372036854771712")
+    assert limits.memory_available() == limits.MemoryAvailable(
+        8 << 30, "the machine's available memory"
+    )
+
+
+def test_memory_available_reads_cgroup_v2_and_slurm(tmp_path, monkeypatch):
+    mount = tmp_path / "unified"
+    cgroup_dir(mount / "user.slice", str(2 << 30), "anon 0\n")
+    cgroup_dir(mount / "user.slice/x", "max", f"anon {300 * MIB}\nfile 7\n")
+    fake_proc(
+        tmp_path, monkeypatch, "0::/user.slice/x\n",
+        f"35 25 0:30 / {mount} rw - cgroup2 cgroup2 rw\n", anon_kb=100 * 1024,
+    )  # fmt: skip
+    found = limits.memory_available()  # x has no limit ("max"): its parent's
+    assert found.bytes == 2 << 30 and str(mount / "user.slice") in found.source
+    # SLURM's request, less this process's anonymous memory (100 MiB)
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "1000")
+    assert limits.memory_available().bytes == 900 * MIB
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "0")  # --mem=0: the whole node
+    assert limits.memory_available().bytes == 2 << 30
+    monkeypatch.delenv("SLURM_MEM_PER_NODE")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "500")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "2")
+    found = limits.memory_available()
+    assert found.bytes == 900 * MIB and "--mem-per-cpu 500 MB x 2 CPUs" in found.source
 
 
 def test_planned_solves_follow_the_sources_official_sizes():
@@ -215,7 +279,7 @@ def test_planned_solves_follow_the_sources_official_sizes():
     config = sizing.load_config(REPO / "config/thesis.yaml")
     solves = {(s.dataset, s.kernel, s.solver): s for s in sizing.planned_solves(config)}
     cifar = solves[("cifar10", "myrtle10_gaussian_estimate", "flow_cpu")]
-    assert cifar.sizes == resources.SolveSizes(50_000, 10_000, 10) and not cifar.on_gpu
+    assert cifar.sizes == SolveSizes(50_000, 10_000, 10) and not cifar.on_gpu
     assert cifar.holds_bytes == 4 * 8 * 50_000**2 + 8 * 10_000 * 50_000 + (1 << 27) + (
         4 * 8 * 60_000 * 10
     )
@@ -224,11 +288,11 @@ def test_planned_solves_follow_the_sources_official_sizes():
     assert flips.sizes.rows == 100_000 and flips.on_gpu
     # T4 with crop 56 + flips: 100000 images x 1 crop x 2; val's centre crops scored too
     crops = solves[("tiny_imagenet", "myrtle11_crop56_flips_estimate", "boosting")]
-    assert crops.sizes == resources.SolveSizes(200_000, 10_000 + 10_000, 200)
+    assert crops.sizes == SolveSizes(200_000, 10_000 + 10_000, 200)
     assert crops.kernel_gb == pytest.approx(8 * 200_000 * 220_000 / 1e9)
     # boosting: two passes over the 320 GB block a step at 2 GB/s, 20 steps, two fits
     assert crops.hours == pytest.approx(2 * 20 * 2 * 320 / 2 / 3600, rel=0.01)
     # ImageNet-R: a seeded 9:1 hold-out of its 30000 images is test
     r = solves[("imagenet_r", "myrtle15_estimate", "flow")]
-    assert r.sizes == resources.SolveSizes(27_000, 3_000, 200)
+    assert r.sizes == SolveSizes(27_000, 3_000, 200)
     assert not [s for s in solves.values() if s.dataset == "tiny_imagenet" and s.method == "flow"]

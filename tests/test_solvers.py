@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.metrics.pairwise import rbf_kernel
 
-from neural_kernels import resources
+from neural_kernels import limits
 from neural_kernels.cli import main
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.solvers import (
@@ -508,8 +508,8 @@ def test_a_solver_that_cannot_fit_is_refused_before_reading_the_kernel(
 ):
     labels = write_kernel_dir(tmp_path / "kernel", digits_problem, refit=True)
     # 500 fitted rows, 100 eval rows: the dense solvers hold 4 x 8 x 500^2 = 7.6 MiB
-    budget = resources.MemoryAvailable(5 * 2**20, "a test's budget")
-    monkeypatch.setattr(resources, "memory_available", lambda: budget)
+    budget = limits.MemoryAvailable(5 * 2**20, "a test's budget")
+    monkeypatch.setattr(limits, "memory_available", lambda: budget)
     monkeypatch.setattr(memory, "SOLVE_BLOCK_BYTES", 1 << 20)  # a 1 MiB row block
     read = []
     monkeypatch.setattr(stage_module, "load_problem", lambda *a: read.append(a))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import sys
 
@@ -97,7 +96,6 @@ def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
     return all(applied)
 
 
-@functools.cache
 def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse in this process; ``True`` if set.
 
@@ -109,12 +107,12 @@ def keep_freed_cpu_memory() -> bool:
     digits in 8x8 blocks on 2 block workers: 1.33 s by default, 0.79 s with these
     settings (system time 4.5 s down to 1.1 s). What is kept is about what the loop
     held at its peak, once per worker thread (each has its own malloc arena). The
-    settings stay for the rest of the process. A no-op (``False``) off glibc.
+    settings stay until :func:`return_freed_cpu_memory` (a solve in the same process)
+    replaces them. A no-op (``False``) off glibc.
     """
     return _mallopt(_MALLOPT)
 
 
-@functools.cache
 def return_freed_cpu_memory() -> bool:
     """Make glibc's malloc give freed memory back to the kernel at once; ``True`` if set.
 
@@ -124,6 +122,7 @@ def return_freed_cpu_memory() -> bool:
     come from the heap and freed ones stay with the process. Measured on a boosting
     solve (2000-row batches of a 14000-row kernel), the process's anonymous memory
     crept from 0.32 to 0.53 GiB over the batches by default. A fixed 1 MiB threshold
-    keeps it at what the solver holds. The settings stay for the rest of the process.
+    keeps it at what the solver holds. The settings stay until
+    :func:`keep_freed_cpu_memory` (an analytic kernel in the same process) replaces them.
     """
     return _mallopt(_MALLOPT_RETURN)

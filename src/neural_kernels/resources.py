@@ -14,11 +14,9 @@ in the workflow.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +32,12 @@ from neural_kernels.settings import (
     ZcaSettings,
 )
 from neural_kernels.solvers import memory as solver_memory
+from neural_kernels.solvers.memory import SolveSizes, solve_sizes
 from neural_kernels.solvers.registry import SOLVERS
 
+__all__ = ["SolveSizes", "solve_sizes"]  # the sizes a solve's memory depends on
+
 MIB = 1 << 20
-GIB = 1 << 30
-#: Where the cgroup hierarchies are mounted, and the value above which a cgroup v1
-#: memory limit means "none" (the kernel's page-rounded LONG_MAX).
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-UNLIMITED = 1 << 62
 #: Python, NumPy, torch and their libraries: the digits jobs of the default run peak
 #: at 0.7-1.1 GiB (their benchmark files' max_rss), almost all of it this.
 BASE_BYTES = 1536 * MIB
@@ -173,28 +169,6 @@ def merge_mem_mb(
     return _mib(_mapped(kernel_file_bytes) + in_flight)
 
 
-@dataclass(frozen=True)
-class SolveSizes:
-    """The sizes a solver's memory depends on: fitted rows ``N`` (train + val on a full
-    split), the rows of every eval block together and the classes."""
-
-    rows: int
-    eval_rows: int
-    classes: int
-
-
-def solve_sizes(kernel_files: Iterable[Path | str], train_labels: Path | str) -> SolveSizes:
-    """:class:`SolveSizes` from a kernel directory's ``.npy`` headers (``train.npy``
-    holds the fitted rows, every other block is scored) and the train labels."""
-    shapes = {Path(p).name: npy_shape(p) for p in kernel_files if str(p).endswith(".npy")}
-    if "train.npy" not in shapes:
-        raise DataError(f"no train.npy among the kernel's files {sorted(shapes)}")
-    labels = np.load(train_labels, mmap_mode="r")
-    classes = int(labels.max()) + 1 if labels.size else 1
-    eval_rows = sum(shape[0] for name, shape in shapes.items() if name != "train.npy")
-    return SolveSizes(shapes["train.npy"][0], eval_rows, classes)
-
-
 def solve_mem_mb(settings: SolverSettings, sizes: SolveSizes, *, on_gpu: bool = False) -> int:
     """A solve: what its solver holds (the registry's footprint,
     :mod:`neural_kernels.solvers.memory`), or beside a GPU what the host keeps of it;
@@ -204,91 +178,6 @@ def solve_mem_mb(settings: SolverSettings, sizes: SolveSizes, *, on_gpu: bool = 
     if on_gpu:
         return _mib(solver_memory.host_bytes_beside_gpu(solver.streams, sizes.rows))
     return _mib(solver.holds_bytes(settings, sizes.rows, sizes.eval_rows, sizes.classes))
-
-
-@dataclass(frozen=True)
-class MemoryAvailable:
-    """What this process may still allocate (``bytes``) and which limit says so."""
-
-    bytes: int
-    source: str
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return None if text == "max" else int(text)
-
-
-def _memory_stat(path: Path, key: str) -> int:
-    """The number after ``key`` in a ``key value [unit]`` file (0 if absent)."""
-    try:
-        for line in path.read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 2 and fields[0] == key:
-                return int(fields[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-#: Each cgroup version's memory files: (its mount under :data:`CGROUP_ROOT`, the limit,
-#: the ``memory.stat`` key of anonymous memory); v2 may be mounted at the root itself.
-CGROUP_V1 = ("memory", "memory.limit_in_bytes", "total_rss")
-CGROUP_V2 = ("unified", "memory.max", "anon")
-
-
-def _cgroup_limits() -> list[MemoryAvailable]:
-    """For each memory cgroup of this process and its ancestors with a limit: the limit
-    less the anonymous memory its processes hold (cgroup v1 or v2)."""
-    found = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            mount, limit_file, anon_key = CGROUP_V2
-        elif "memory" in controllers.split(","):
-            mount, limit_file, anon_key = CGROUP_V1
-        else:
-            continue
-        root = CGROUP_ROOT / mount if (CGROUP_ROOT / mount).exists() else CGROUP_ROOT
-        directory = root / path.lstrip("/")
-        while True:
-            limit = _read_int(directory / limit_file)
-            if limit is not None and limit < UNLIMITED:
-                used = _memory_stat(directory / "memory.stat", anon_key)
-                source = (
-                    f"the cgroup memory limit {limit / GIB:.2f} GiB of {directory}, "
-                    f"{used / GIB:.2f} GiB of it in use"
-                )
-                found.append(MemoryAvailable(limit - used, source))
-            if directory == root or directory == directory.parent:
-                break
-            directory = directory.parent
-    return found
-
-
-def memory_available() -> MemoryAvailable:
-    """The memory this process may still allocate: the tightest of its cgroups' limits
-    less their anonymous memory in use (a SLURM job under ``task/cgroup``, a container),
-    SLURM's ``--mem`` (``SLURM_MEM_PER_NODE``, enforced or not) less this process's
-    anonymous memory, and the machine's ``MemAvailable`` (``/proc/meminfo``). Page
-    cache is not counted as used: the kernel reclaims it under a limit."""
-    candidates = _cgroup_limits()
-    slurm = os.environ.get("SLURM_MEM_PER_NODE")
-    if slurm and slurm.isdigit():
-        anon = _memory_stat(Path("/proc/self/status"), "RssAnon:") * 1024
-        candidates.append(
-            MemoryAvailable(int(slurm) * MIB - anon, f"the SLURM job's --mem {int(slurm)} MB")
-        )
-    available = _memory_stat(Path("/proc/meminfo"), "MemAvailable:") * 1024
-    candidates.append(MemoryAvailable(available, "the machine's available memory"))
-    return min(candidates, key=lambda c: c.bytes)
 
 
 def train_mem_mb(image_files: Iterable[Path | str], batch_size: int, *, on_gpu: bool) -> int:

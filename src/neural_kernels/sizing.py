@@ -1,9 +1,10 @@
 """The configured solves at the sources' official sizes, before anything is downloaded:
 what each holds, what its job asks for, and how long it should take.
 
-The workflow refuses, before any job runs, a dense solver (flow, ridge) on a full
-split whose fitted block the configured node (``resources.node_mem_mb``) or GPU
-(``resources.gpu_mem_mb``) cannot hold (:func:`check_dense_solves`); README's
+The workflow refuses, before any job runs, a solve on a full split that the configured
+node (``resources.node_mem_mb``) or GPU (``resources.gpu_mem_mb``) cannot hold, such
+as a dense solver (flow, ridge) on a block too big for them (:func:`check_solves_fit`);
+README's
 "Running the full reproduction" prints :func:`solve_table` of ``config/thesis.yaml``
 (``tests/test_readme.py`` checks that it is current). Sizes follow the kernel layout
 of :mod:`neural_kernels.kernels.stage`: a full split fits train + val (times the
@@ -136,31 +137,43 @@ def planned_solves(config: dict) -> list[PlannedSolve]:
     return planned
 
 
-def check_dense_solves(config: dict) -> None:
-    """Refuse a dense solver whose fitted block the configured node (host) or GPU memory
-    cannot hold, naming every such solve with both sizes (no limit configured: no
-    check)."""
-    limits = {False: config["resources"].get("node_mem_mb"), True: None}
-    limits[True] = config["resources"].get("gpu_mem_mb")
-    unfit = []
-    for solve in planned_solves(config):
-        limit = limits[solve.on_gpu]
-        if SOLVERS[solve.method].streams or limit is None or solve.holds_bytes <= limit * MIB:
-            continue
-        where = "GPU" if solve.on_gpu else "node"
-        unfit.append(
-            f"{solve.dataset}/{solve.kernel}/{solve.solver}: {solve.method} holds "
-            f"{solve.holds_bytes / 1e9:.0f} GB ({solve.sizes.rows} fitted rows, a "
-            f"{8 * solve.sizes.rows**2 / 1e9:.0f} GB block, {memory.DENSE_COPIES} times) "
-            f"but a {where} has {limit / 1000:.0f} GB"
-        )
+def _unfit(solve: PlannedSolve, limits: dict[str, int | None]) -> list[str]:
+    """Why ``solve`` cannot fit the configured memory (empty: it fits or no limit)."""
+    dense = not SOLVERS[solve.method].streams
+    name, n = f"{solve.dataset}/{solve.kernel}/{solve.solver}", solve.sizes.rows
+    what = (
+        f"{n} fitted rows, a {8 * n * n / 1e9:.0f} GB block, {memory.DENSE_COPIES} times"
+        if dense
+        else f"{n} + {solve.sizes.eval_rows} rows x {solve.sizes.classes} classes x its grid"
+    )
+    needs = [("GPU" if solve.on_gpu else "node", solve.holds_bytes, what)]
+    if solve.on_gpu:  # and the host beside it
+        needs.append(("node", solve.asked_mb * MIB, "its host memory beside the GPU"))
+    return [
+        f"{name}: {solve.method} holds {need / 1e9:.0f} GB ({why}) but a {where} has "
+        f"{limits[where] / 1000:.0f} GB"
+        for where, need, why in needs
+        if limits[where] is not None and need > limits[where] * MIB
+    ]
+
+
+def check_solves_fit(config: dict) -> None:
+    """Refuse solves that the configured node (host) or GPU memory cannot hold (no
+    limit configured: no check), naming every such solve with both sizes: a dense
+    solver's fitted block, a streaming one's grid, a GPU solve's host side."""
+    limits = {
+        "node": config["resources"].get("node_mem_mb"),
+        "GPU": config["resources"].get("gpu_mem_mb"),
+    }
+    unfit = [line for solve in planned_solves(config) for line in _unfit(solve, limits)]
     if unfit:
         streaming = " or ".join(name for name, s in SOLVERS.items() if s.streams)
         raise NeuralKernelsError(
-            "dense solvers that cannot fit (resources.node_mem_mb / gpu_mem_mb): "
+            "solves that cannot fit (resources.node_mem_mb / gpu_mem_mb): "
             + "; ".join(unfit)
-            + f". Use {streaming}, which stream the kernel from disk, for these kernels "
-            "(kernel_solvers), or raise the limits if your nodes have more memory"
+            + f". Use {streaming}, which stream the kernel from disk, for a dense solver's "
+            "kernels (kernel_solvers), a smaller grid, batch_size or rank for a streaming "
+            "one, or raise the limits if your nodes have more memory"
         )
 
 
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     path = (argv if argv is not None else sys.argv[1:] or ["config/thesis.yaml"])[0]
     config = load_config(path)
     print(solve_table(config))
-    check_dense_solves(config)
+    check_solves_fit(config)
     return 0
 
 

@@ -98,7 +98,7 @@ for _name, _cfg in DATASETS.items():
 
 # A dense solver that no configured node or GPU can hold is refused now, not after hours
 # of kernels (resources.node_mem_mb / gpu_mem_mb at the sources' official sizes).
-sizing.check_dense_solves(config)
+sizing.check_solves_fit(config)
 
 
 wildcard_constraints:

@@ -1,5 +1,6 @@
-# Kernel regression on every kernel: gradient flow, kernel ridge and batched boosting,
-# hyperparameters chosen on the validation split. Layout: neural_kernels.solvers.stage.
+# Kernel regression on every kernel: gradient flow, kernel ridge (Cholesky or pcg) and
+# batched boosting, hyperparameters chosen on the validation split. Layout:
+# neural_kernels.solvers.stage; memory: what the solver holds (neural_kernels.resources).
 
 
 rule solve:

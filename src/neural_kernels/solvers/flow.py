@@ -31,7 +31,7 @@ import torch
 from numpy.typing import NDArray
 
 from neural_kernels.errors import NeuralKernelsError
-from neural_kernels.solvers.memory import F8, SOLVE_BLOCK_BYTES
+from neural_kernels.solvers.memory import FLOAT64_BYTES, SOLVE_BLOCK_BYTES
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings
@@ -155,7 +155,7 @@ def kernel_rows(kernel: Matrix, rows: NDArray | slice, device: torch.device) -> 
 
 def block_rows(columns: int, block_bytes: int = SOLVE_BLOCK_BYTES) -> int:
     """Rows of a ``columns``-wide float64 block that fit ``block_bytes`` (at least 1)."""
-    return max(1, block_bytes // (F8 * max(columns, 1)))
+    return max(1, block_bytes // (FLOAT64_BYTES * max(columns, 1)))
 
 
 def kernel_matmul(kernel: Matrix, right: Tensor, block_bytes: int = SOLVE_BLOCK_BYTES) -> Tensor:

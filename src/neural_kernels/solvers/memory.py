@@ -21,7 +21,14 @@ times the fitted block at N = 4000 and 8000 (the model: 4); the streaming ones, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
+
+from neural_kernels.errors import DataError
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings
@@ -30,7 +37,7 @@ if TYPE_CHECKING:
 #: the row blocks of every ``K @ V`` pass and of boosting's batch blocks.
 SOLVE_BLOCK_BYTES = 1 << 27
 #: Bytes of one float64 entry.
-F8 = 8
+FLOAT64_BYTES = 8
 #: Float64 ``N x N`` matrices the dense solvers hold at their peak: the fitted block,
 #: the eigenvectors (flow) or the shifted copy and Cholesky factor (ridge), and
 #: LAPACK's workspace (``syevd``: 2 N^2; measured 4.03-4.12 in all).
@@ -46,6 +53,33 @@ PCG_COLUMN_COPIES = 9
 BATCH_COPIES = 5
 
 
+@dataclass(frozen=True)
+class SolveSizes:
+    """The sizes a solver's memory depends on: fitted rows ``N`` (train + val on a full
+    split), the rows of every eval block together and the classes."""
+
+    rows: int
+    eval_rows: int
+    classes: int
+
+
+def solve_sizes(kernel_files: Iterable[Path | str], train_labels: Path | str) -> SolveSizes:
+    """:class:`SolveSizes` from a kernel directory's ``.npy`` headers (``train.npy``
+    holds the fitted rows, every other block is scored) and the train labels."""
+    shapes = {}
+    for path in (Path(p) for p in kernel_files if str(p).endswith(".npy")):
+        try:
+            shapes[path.name] = np.load(path, mmap_mode="r").shape
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read {path} as a .npy array ({error})") from None
+    if "train.npy" not in shapes:
+        raise DataError(f"no train.npy among the kernel's files {sorted(shapes)}")
+    labels = np.load(train_labels, mmap_mode="r")
+    classes = int(labels.max()) + 1 if labels.size else 1
+    eval_rows = sum(shape[0] for name, shape in shapes.items() if name != "train.npy")
+    return SolveSizes(shapes["train.npy"][0], eval_rows, classes)
+
+
 def dense_bytes(
     settings: SolverSettings, rows: int, eval_rows: int, classes: int, grid: int
 ) -> int:
@@ -53,10 +87,10 @@ def dense_bytes(
     block read whole, its eigenvectors or Cholesky factor, the workspace), the flow's
     ``E x N`` eval products ``K(Z, X) V``, one streamed row block and the scores."""
     return (
-        DENSE_COPIES * F8 * rows * rows
-        + F8 * eval_rows * rows
+        DENSE_COPIES * FLOAT64_BYTES * rows * rows
+        + FLOAT64_BYTES * eval_rows * rows
         + SOLVE_BLOCK_BYTES
-        + 4 * F8 * (rows + eval_rows) * classes
+        + 4 * FLOAT64_BYTES * (rows + eval_rows) * classes
     )
 
 
@@ -69,8 +103,8 @@ def boosting_bytes(
     batch = min(settings.batch_size, rows)
     columns = classes * grid
     return (
-        BATCH_COPIES * F8 * batch * batch
-        + BOOSTING_COLUMN_COPIES * F8 * (rows + eval_rows) * columns
+        BATCH_COPIES * FLOAT64_BYTES * batch * batch
+        + BOOSTING_COLUMN_COPIES * FLOAT64_BYTES * (rows + eval_rows) * columns
         + SOLVE_BLOCK_BYTES
     )
 
@@ -82,9 +116,9 @@ def pcg_bytes(settings: SolverSettings, rows: int, eval_rows: int, classes: int,
     rank = min(settings.rank, rows)
     columns = classes * grid
     return (
-        2 * F8 * rows * rank
-        + PCG_COLUMN_COPIES * F8 * rows * columns
-        + F8 * eval_rows * columns
+        2 * FLOAT64_BYTES * rows * rank
+        + PCG_COLUMN_COPIES * FLOAT64_BYTES * rows * columns
+        + FLOAT64_BYTES * eval_rows * columns
         + SOLVE_BLOCK_BYTES
     )
 
@@ -93,4 +127,4 @@ def host_bytes_beside_gpu(streams: bool, rows: int) -> int:
     """Host memory of a solve whose solver works on a GPU: a dense solver reads the
     fitted block whole before moving it (``8 N^2``), a streaming one a row block, each
     with one more row block of room."""
-    return (0 if streams else F8 * rows * rows) + 2 * SOLVE_BLOCK_BYTES
+    return (0 if streams else FLOAT64_BYTES * rows * rows) + 2 * SOLVE_BLOCK_BYTES

@@ -30,8 +30,9 @@ kernel from disk.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,9 +46,10 @@ from neural_kernels.solvers.memory import SOLVE_BLOCK_BYTES
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings
-    from neural_kernels.solvers.stage import Fit
+    from neural_kernels.solvers.problem import Fit
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 #: Pivoted Cholesky stops early once the largest remaining diagonal of ``K - L L^T``
 #: is below this share of the largest diagonal of ``K`` (the kernel is then numerically
@@ -165,13 +167,15 @@ def conjugate_gradients(
     """Preconditioned CG on ``(K + lambda_j I) x_j = b_j`` for every column ``j`` of
     ``rhs``, each with its own scalars (Saad 2003, Algorithm 9.1), the active columns
     sharing one streamed pass ``K P`` an iteration. A column stops once its recurrence
-    residual ``||r_j|| / ||b_j||`` reaches ``tolerance``. Returns ``x``, the iterations
-    of each column and whether it stopped so (converged) within ``max_iterations``."""
-    scale = torch.linalg.vector_norm(rhs, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    residual ``||r_j|| / ||b_j||`` reaches ``tolerance`` (converged; a zero ``b_j`` at
+    once, with ``x_j = 0``), or at a breakdown, a direction with ``p^T (K + lambda I) p``
+    not positive (not converged). Returns ``x``, the iterations of each column and
+    whether it converged within ``max_iterations``."""
+    scale = torch.linalg.vector_norm(rhs, dim=0)
     solution, residual = torch.zeros_like(rhs), rhs.clone()
-    active = torch.arange(rhs.shape[1], device=rhs.device)
+    converged = scale == 0
+    active = torch.nonzero(~converged).flatten()
     iterations = torch.zeros(rhs.shape[1], dtype=torch.long, device=rhs.device)
-    converged = torch.zeros(rhs.shape[1], dtype=torch.bool, device=rhs.device)
     z = preconditioner.solve(residual, lambdas)
     direction, rz = z.clone(), (residual * z).sum(0)
     del z
@@ -179,7 +183,9 @@ def conjugate_gradients(
         for _ in range(max_iterations):
             p = direction[:, active]
             kp = kernel_matmul(kernel, p, block_bytes) + lambdas[active] * p
-            step = rz[active] / (p * kp).sum(0)
+            curvature = (p * kp).sum(0)
+            positive = curvature > 0  # False at a breakdown (and for NaN)
+            step = torch.where(positive, rz[active] / curvature, 0.0)
             solution[:, active] += step * p
             residual[:, active] -= step * kp
             iterations[active] += 1
@@ -187,8 +193,9 @@ def conjugate_gradients(
             norms = _relative_norms(residual[:, active], scale[active])
             bar.update(1)
             bar.set_postfix(residual=f"{float(norms.max()):.2e}", active=len(active))
-            still = norms > tolerance
-            converged[active[~still]] = True
+            done = positive & (norms <= tolerance)
+            converged[active[done]] = True
+            still = positive & ~done
             active, p = active[still], p[:, still]
             if not len(active):
                 break
@@ -203,21 +210,20 @@ def conjugate_gradients(
 def pcg_solve(
     kernel: Matrix,
     targets: Tensor,
-    lambdas: Sequence[float],
+    settings: SolverSettings,
     *,
-    rank: int,
-    tolerance: float,
-    max_iterations: int,
     block_bytes: int = SOLVE_BLOCK_BYTES,
     progress: bool = False,
 ) -> PcgResult:
-    """Solve ``(K + lambda I) alpha = Y`` for every ``lambda`` by preconditioned CG.
+    """Solve ``(K + lambda I) alpha = Y`` for every ``lambda`` of ``settings.lambdas``
+    by preconditioned CG.
 
     ``targets`` (``N x C``) sets the device. All ``C x len(lambdas)`` columns share
     each streamed pass ``K P`` (:func:`conjugate_gradients`), preconditioned by the
-    rank-``rank`` pivoted Cholesky factor; a ``lambda`` converged once all its columns
-    reached ``tolerance``. The residual recorded per ``lambda`` is recomputed from
-    ``alpha`` (one more pass, which also gives ``K alpha``: the largest of its columns'
+    rank-``settings.rank`` pivoted Cholesky factor; a ``lambda`` converged once all its
+    columns reached ``settings.tolerance`` within ``settings.max_iterations``. The
+    residual recorded per ``lambda`` is recomputed from ``alpha`` (one more pass, which
+    also gives ``K alpha``: the largest of its columns'
     ``||Y - (K + lambda I) alpha|| / ||Y||``).
     """
     n, classes = targets.shape
@@ -226,23 +232,24 @@ def pcg_solve(
             f"pcg needs a square N x N kernel and N targets; got kernel {tuple(kernel.shape)} "
             f"and {n} targets"
         )
+    lambdas = settings.lambdas
     if not lambdas or min(lambdas) <= 0:
         raise NeuralKernelsError(f"pcg needs positive lambdas, got {list(lambdas)}")
     device, grid = targets.device, len(lambdas)
     columns = torch.tensor(
         [lam for lam in lambdas for _ in range(classes)], dtype=torch.float64, device=device
     )
-    factor, _ = pivoted_cholesky(kernel, rank, device, progress)
+    factor, _ = pivoted_cholesky(kernel, settings.rank, device, progress)
     preconditioner = low_rank_preconditioner(factor)
     del factor
     rhs = targets.repeat(1, grid)  # column g * C + c is class c of lambdas[g]
     alpha, iterations, converged = conjugate_gradients(
-        kernel, rhs, columns, preconditioner, tolerance=tolerance,
-        max_iterations=max_iterations, block_bytes=block_bytes, progress=progress,
+        kernel, rhs, columns, preconditioner, tolerance=settings.tolerance,
+        max_iterations=settings.max_iterations, block_bytes=block_bytes, progress=progress,
     )  # fmt: skip
     fitted = kernel_matmul(kernel, alpha, block_bytes)
     scale = torch.linalg.vector_norm(rhs, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
-    norms = _relative_norms(rhs - fitted - columns * alpha, scale)
+    norms = _relative_norms(rhs - fitted - columns * alpha, scale)  # 0 for a zero column
     return PcgResult(
         alpha=alpha,
         fitted=fitted,
@@ -256,11 +263,8 @@ def pcg_path(
     kernel: Matrix,
     targets: Tensor,
     evals: Mapping[str, Matrix],
-    lambdas: Sequence[float],
+    settings: SolverSettings,
     *,
-    rank: int,
-    tolerance: float,
-    max_iterations: int,
     block_bytes: int = SOLVE_BLOCK_BYTES,
     progress: bool = False,
 ) -> Iterator[tuple[float, dict[str, Tensor], dict]]:
@@ -268,16 +272,14 @@ def pcg_path(
 
     Yields ``(lambda, {"train": K alpha, <split>: K(Z, X) alpha}, diagnostics)`` with
     ``diagnostics`` the iterations, final relative residual and convergence of that
-    ``lambda``. One streamed pass over each block scores every ``lambda``.
+    ``lambda`` (:func:`pcg_solve`). One streamed pass over each eval block scores
+    every ``lambda``.
     """
-    result = pcg_solve(
-        kernel, targets, lambdas, rank=rank, tolerance=tolerance,
-        max_iterations=max_iterations, block_bytes=block_bytes, progress=progress,
-    )  # fmt: skip
+    result = pcg_solve(kernel, targets, settings, block_bytes=block_bytes, progress=progress)
     classes = targets.shape[1]
     scores = {"train": result.fitted}
     scores |= {name: kernel_matmul(k, result.alpha, block_bytes) for name, k in evals.items()}
-    for g, lam in enumerate(lambdas):
+    for g, lam in enumerate(settings.lambdas):
         cols = slice(g * classes, (g + 1) * classes)
         diagnostics = {
             "iterations": result.iterations[g],
@@ -291,10 +293,12 @@ def pcg_candidates(
     settings: SolverSettings, fit: Fit, targets: Tensor, device: torch.device, progress: bool
 ) -> Candidates:
     """Kernel ridge regression by PCG at every ``settings.lambdas`` (:func:`pcg_path`)."""
-    path = pcg_path(
-        fit.kernel, targets, fit.evals, settings.lambdas, rank=settings.rank,
-        tolerance=settings.tolerance, max_iterations=settings.max_iterations,
-        progress=progress,
-    )  # fmt: skip
+    path = pcg_path(fit.kernel, targets, fit.evals, settings, progress=progress)
     for lam, scores, diagnostics in path:
+        if not diagnostics["converged"]:
+            log.warning(
+                "pcg: lambda %g did not reach the tolerance %g in %d iterations (relative "
+                "residual %.2e); its scores are those of the last iterate",
+                lam, settings.tolerance, diagnostics["iterations"], diagnostics["residual"],
+            )  # fmt: skip
         yield {"lambda": lam, "diagnostics": diagnostics}, scores

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from neural_kernels import resources
+from neural_kernels import limits
 from neural_kernels.checks import check_finite, check_labels, check_symmetric
 from neural_kernels.data.prepared import REFIT_SPLITS
 from neural_kernels.device import device_name
@@ -227,26 +227,22 @@ def check_memory(
 ) -> None:
     """Refuse, before reading the kernel, a solve whose solver would hold more memory
     (:mod:`neural_kernels.solvers.memory`) than this job has
-    (:func:`neural_kernels.resources.memory_available`; on a GPU, its free memory too):
+    (:func:`neural_kernels.limits.memory_available`; on a GPU, its free memory too):
     one line with both sizes and what to do instead, and nothing written. Files that
     cannot be read are left to :func:`load_problem`'s errors."""
     blocks = [kernel_dir / f"{name}.npy" for name in SPLITS]
     try:
-        sizes = resources.solve_sizes([b for b in blocks if b.exists()], labels["train"])
+        sizes = memory.solve_sizes([b for b in blocks if b.exists()], labels["train"])
     except (DataError, OSError, ValueError, KeyError):
         return
     solver = SOLVERS.lookup(settings.method)
     holds = solver.holds_bytes(settings, sizes.rows, sizes.eval_rows, sizes.classes)
-    needs = [(holds, resources.memory_available())]
+    needs = [(holds, limits.memory_available())]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        needs = [
-            (holds, resources.MemoryAvailable(free, f"the free memory of {device_name(device)}")),
-            (
-                memory.host_bytes_beside_gpu(solver.streams, sizes.rows),
-                resources.memory_available(),
-            ),
-        ]
+        gpu = limits.MemoryAvailable(free, f"the free memory of {device_name(device)}")
+        host = memory.host_bytes_beside_gpu(solver.streams, sizes.rows)
+        needs = [(holds, gpu), (host, limits.memory_available())]
     for need, have in needs:
         if need <= have.bytes:
             continue

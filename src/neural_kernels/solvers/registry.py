@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from neural_kernels.settings import Registry
 from neural_kernels.solvers import memory
+
+if TYPE_CHECKING:
+    from neural_kernels.settings import SolverSettings
 
 #: Default grids: 2 points per decade. The Myrtle kernels have a unit diagonal, so
 #: these absolute values suit every dataset (eigenvalues run up to about N).
@@ -55,7 +59,9 @@ class Solver:
     default_eta_t: tuple[float, ...] = DEFAULT_ETA_T
     default_lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
 
-    def holds_bytes(self, settings, rows: int, eval_rows: int, classes: int) -> int:
+    def holds_bytes(
+        self, settings: SolverSettings, rows: int, eval_rows: int, classes: int
+    ) -> int:
         """What this solver holds on a problem of these sizes, in bytes."""
         grid = len(getattr(settings, self.grid))
         return self.footprint(settings, rows, eval_rows, classes, grid)
