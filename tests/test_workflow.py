@@ -395,6 +395,7 @@ def test_every_source_kind_end_to_end_over_loopback(workdir, archive_server):
             "tiny_imagenet": archive("tiny_imagenet", "tiny-imagenet-200.zip", val_fraction=0.25),
             "imagenet_r": archive("imagenet_r", "imagenet-r.tar", image_size=24),
             "mine": {"source": "custom", "path": str(npz)},
+            "shapes": {"source": "synthetic", "size": 50, "image_size": 12, "classes": 5},
         }
     }  # fmt: skip
     result = snakemake(
@@ -406,6 +407,8 @@ def test_every_source_kind_end_to_end_over_loopback(workdir, archive_server):
     imagenet_r = load_meta(workdir / "results/data/imagenet_r")
     assert imagenet_r["image_shape"] == [24, 24, 3] and imagenet_r["test_fraction"] == 0.1
     assert load_meta(workdir / "results/data/mine")["splits"]["test"]["size"] == 12
+    shapes = load_meta(workdir / "results/data/shapes")
+    assert shapes["image_shape"] == [12, 12, 3] and shapes["splits"]["test"]["size"] == 10
     assert (
         load_meta(workdir / "results/data/cifar10/subsets/n20-seed0")["splits"]["train"]["size"]
         == 20

@@ -272,10 +272,22 @@ class PrepareSettings(Checked):
         "(default: the source's own, 0.1 for imagenet_r, the thesis's 9:1, else 0.2)",
         parse=fraction,
     )
-    seed: int = setting(0, "seed of the validation and test hold-outs", minimum=0)
-    image_size: int = setting(
-        224, "imagenet_r: resize images to this square size", parse=positive_int, minimum=8
+    seed: int = setting(0, "seed of the hold-outs (and of synthetic images)", minimum=0)
+    image_size: int | None = setting(
+        None,
+        "imagenet_r: resize images to this square size (default 224); synthetic: their "
+        "size (default 32)",
+        parse=positive_int,
+        minimum=8,
     )
+    size: int | None = setting(
+        None, "synthetic: training images (train + val)", parse=positive_int, minimum=1
+    )
+    test_size: int | None = setting(
+        None, "synthetic: test images (default: a fifth of size)", parse=positive_int, minimum=1
+    )
+    channels: int = setting(3, "synthetic: channels of every image", parse=positive_int, minimum=1)
+    classes: int = setting(10, "synthetic: classes", parse=positive_int, minimum=2)
 
 
 # ------------------------------------------------------------------------------- ZCA

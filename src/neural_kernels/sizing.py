@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neural_kernels.data.sources import ARCHIVES, SOURCES
+from neural_kernels.data.synthetic import test_images
 from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.resources import MIB, SolveSizes, machine_has_gpus, solve_mem_mb
 from neural_kernels.settings import KernelSpec, SolverSettings, from_config
@@ -67,21 +68,26 @@ class PlannedSolve:
 
 def planned_sizes(dataset: dict, spec: KernelSpec) -> SolveSizes | None:
     """A full split's fitted rows, eval rows and classes at its source's official sizes
-    (``None`` for a source without them: digits and custom data)."""
-    archive = ARCHIVES.get(dataset["source"])
-    if archive is None:
+    or, for synthetic data, the configured ones (``None`` for a source without them:
+    digits and custom data)."""
+    source, archive = dataset["source"], ARCHIVES.get(dataset["source"])
+    if source == "synthetic":  # the config says how many
+        fit_images, classes = dataset["size"], dataset["classes"]
+        eval_rows = test_images(fit_images, dataset.get("test_size"), classes)
+    elif archive is None:
         return None
-    if archive.test_images is None:  # a seeded hold-out of all images is test
-        fraction = dataset.get("test_fraction") or SOURCES[dataset["source"]].test_fraction
-        test = round(archive.train_images * fraction)
-        fit_images, eval_rows = archive.train_images - test, test
+    elif archive.test_images is None:  # a seeded hold-out of all images is test
+        fraction = dataset.get("test_fraction") or SOURCES[source].test_fraction
+        eval_rows = round(archive.train_images * fraction)
+        fit_images, classes = archive.train_images - eval_rows, archive.classes
     else:
         fit_images, eval_rows = archive.train_images, archive.test_images
+        classes = archive.classes
     copies = spec.copies if spec.crop is not None else 1
     rows = fit_images * copies * (2 if spec.flips else 1)
     if spec.crop is not None:  # val's centre crops are scored by the selection
         eval_rows += round(fit_images * dataset["val_fraction"])
-    return SolveSizes(rows, eval_rows, archive.classes)
+    return SolveSizes(rows, eval_rows, classes)
 
 
 def solve_hours(settings: SolverSettings, sizes: SolveSizes, on_gpu: bool) -> float:

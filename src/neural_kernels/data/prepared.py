@@ -130,17 +130,20 @@ def read_source(
     *,
     archive: Path | None = None,
     npz: Path | None = None,
-    image_size: int = 224,
+    settings: PrepareSettings | None = None,
 ) -> RawDataset:
-    """Read one registered source's native layout (see :mod:`neural_kernels.data.sources`)."""
+    """Read one registered source's native layout (see :mod:`neural_kernels.data.sources`)
+    with ``settings`` (their ``image_size`` defaulting to the source's)."""
     entry = SOURCES.lookup(source)
+    settings = replace_none(settings or PrepareSettings(), image_size=entry.image_size)
     if entry.input == "archive" and archive is None:
         raise DataError(
             f"source {source!r} needs --archive (the downloaded {entry.archive.filename})"
         )
     if entry.input == "npz" and npz is None:
         raise DataError(f"source {source!r} needs --npz (your images and labels)")
-    return resolve(entry.read)(SourceFiles(archive, npz, scratch, image_size))
+    files = SourceFiles(archive, npz, scratch, settings.image_size, settings)
+    return resolve(entry.read)(files)
 
 
 def prepare_dataset(
@@ -163,14 +166,16 @@ def prepare_dataset(
     """
     settings = dataclasses.replace(settings or PrepareSettings(), **options)
     entry = SOURCES.lookup(source)
-    settings = replace_none(settings, test_fraction=entry.test_fraction)
+    settings = replace_none(
+        settings, test_fraction=entry.test_fraction, image_size=entry.image_size
+    )
     out_dir = Path(out_dir)
     if archive is not None:
         check_archive(Path(archive), checksum)
     with staged_directory(out_dir, last=META) as stage:
         scratch = stage / "scratch"
         scratch.mkdir()
-        raw = read_source(source, scratch, archive=archive, npz=npz, image_size=settings.image_size)
+        raw = read_source(source, scratch, archive=archive, npz=npz, settings=settings)
         carved = carve_splits(raw, settings.val_fraction, settings.test_fraction, settings.seed)
         inputs = {"archive": archive, "npz": npz, "checksum": checksum}
         meta = _prepared_meta(entry, raw, settings, inputs)
@@ -203,7 +208,7 @@ def _prepared_meta(entry: Source, raw: RawDataset, settings: PrepareSettings, in
         "archive": str(inputs["archive"]) if inputs["archive"] else None,
         "npz": str(inputs["npz"]) if inputs["npz"] else None,
         "checksum": inputs["checksum"],
-        "image_size": settings.image_size if entry.resizes else None,
+        "image_size": settings.image_size,
         "neural_kernels_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **raw.extra,

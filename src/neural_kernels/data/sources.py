@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from neural_kernels.settings import Registry
+from neural_kernels.settings import PrepareSettings, Registry
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,14 @@ ARCHIVES: dict[str, ArchiveSource] = {
 
 @dataclass(frozen=True)
 class SourceFiles:
-    """What a reader is given: its input file and a scratch directory it may fill."""
+    """What a reader is given: its input file, a scratch directory it may fill and the
+    prepare settings (their ``image_size`` resolved to the source's default)."""
 
     archive: Path | None  # the downloaded archive (sources with one)
     npz: Path | None  # the user's .npz (sources that read one)
     scratch: Path  # removed after the prepare stage
-    image_size: int  # the square size sources of variable-size images resize to
+    image_size: int | None  # the square size of a source's images (image_size)
+    settings: PrepareSettings | None = None  # what a generated source (synthetic) reads
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,9 @@ class Source:
     ``read``: its reader, ``"module:function"`` (imported when it runs) or the function;
     ``input``: what it reads, ``"archive"`` (then ``archive`` is set), ``"npz"`` or
     ``None``; ``test_fraction``: the share held out as test when it has no official
-    test split; ``resizes``: it resizes images to the ``image_size`` setting.
+    test split; ``image_size``: the default of the ``image_size`` setting for a source
+    whose images take that size (imagenet_r resizes to it, synthetic draws at it;
+    ``None``: the images keep their own).
     """
 
     name: str
@@ -102,7 +106,7 @@ class Source:
     input: str | None = None
     archive: ArchiveSource | None = None
     test_fraction: float = 0.2
-    resizes: bool = False
+    image_size: int | None = None
 
 
 SOURCES: Registry = Registry("source")
@@ -128,9 +132,18 @@ for _archive in ARCHIVES.values():
             archive=_archive,
             # the thesis splits ImageNet-R 9:1
             test_fraction=0.1 if _archive.name == "imagenet_r" else 0.2,
-            resizes=_archive.name == "imagenet_r",
+            image_size=224 if _archive.name == "imagenet_r" else None,
         )
     )
+register_source(
+    Source(
+        "synthetic",
+        "neural_kernels.data.synthetic:read_synthetic",
+        "seeded class-structured images of any count and shape: size (train + val), "
+        "test_size, image_size (32), channels (3), classes (10), seed",
+        image_size=32,
+    )
+)
 register_source(
     Source(
         "custom",

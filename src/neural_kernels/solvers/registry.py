@@ -59,9 +59,7 @@ class Solver:
     default_eta_t: tuple[float, ...] = DEFAULT_ETA_T
     default_lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
 
-    def holds_bytes(
-        self, settings: SolverSettings, rows: int, eval_rows: int, classes: int
-    ) -> int:
+    def holds_bytes(self, settings: SolverSettings, rows: int, eval_rows: int, classes: int) -> int:
         """What this solver holds on a problem of these sizes, in bytes."""
         grid = len(getattr(settings, self.grid))
         return self.footprint(settings, rows, eval_rows, classes, grid)
