@@ -32,10 +32,8 @@ from neural_kernels.settings import (
     ZcaSettings,
 )
 from neural_kernels.solvers import memory as solver_memory
-from neural_kernels.solvers.memory import SolveSizes, solve_sizes
+from neural_kernels.solvers.memory import SolveSizes
 from neural_kernels.solvers.registry import SOLVERS
-
-__all__ = ["SolveSizes", "solve_sizes"]  # the sizes a solve's memory depends on
 
 MIB = 1 << 20
 #: Python, NumPy, torch and their libraries: the digits jobs of the default run peak

@@ -30,6 +30,7 @@ from neural_kernels.layout import (
     subset_of,
 )
 from neural_kernels.seeds import derived_seed
+from neural_kernels.solvers.memory import solve_sizes
 from neural_kernels.settings import (
     EstimateSettings,
     KernelSpec,
@@ -496,7 +497,7 @@ def analytic_estimate(wildcards, input):
 
 def solve_estimate(wildcards, input):
     settings = from_config(SolverSettings, SOLVERS[wildcards.solver])
-    sizes = resources.solve_sizes(input.kernel, input.train_labels)
+    sizes = solve_sizes(input.kernel, input.train_labels)
     return resources.solve_mem_mb(settings, sizes, on_gpu=bool(job_gpus(wildcards)))
 
 
