@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -43,6 +44,7 @@ from neural_kernels.kernels.stage import (
     merge_shards,
 )
 from neural_kernels.settings import AnalyticSettings, KernelSpec
+from neural_kernels.solvers.flow import kernel_rows
 
 CPU = torch.device("cpu")
 
@@ -418,7 +420,46 @@ def test_merging_2_or_4_shards_equals_one(split_files, tmp_path):
         merge_shards([tmp_path / "s4-0", tmp_path / "s4-0"], tmp_path / "bad")
     with pytest.raises(NeuralKernelsError, match="differs"):
         merge_shards([tmp_path / "s2-0", tmp_path / "s4-1"], tmp_path / "bad")
+    # a shard of another version (a setting this one does not know): said, not a TypeError
+    meta = json.loads((tmp_path / "s1-0/shard.json").read_text())
+    meta["settings"]["storage"] = "float64"
+    (tmp_path / "s1-0/shard.json").write_text(json.dumps(meta))
+    with pytest.raises(NeuralKernelsError, match=r"does not know \(storage\).*another version"):
+        merge_shards([tmp_path / "s1-0"], tmp_path / "bad")
     assert not (tmp_path / "bad" / "kernel.json").exists()
+
+
+def test_float32_storage_writes_the_float64_kernel_rounded_once(split_files, tmp_path):
+    """``storage: float32``: the merge and the analytic stage compute in float64 and store
+    the same kernel rounded to float32 (half the bytes), said in kernel.json; a solve
+    reads it as float64."""
+    inputs = KernelInputs(split_files["train"], {"test": split_files["test"]})
+    spec = KernelSpec("myrtle5")
+    settings = dataclasses.replace(SETTINGS, networks=4)
+    estimate_shard(inputs, tmp_path / "shard", spec, settings, device="cpu", progress=False)
+    for storage in ("float64", "float32"):
+        merge_shards([tmp_path / "shard"], tmp_path / f"est-{storage}", storage=storage)
+        analytic = AnalyticSettings(block_size=8, precision="mixed", storage=storage)
+        analytic_files(inputs, tmp_path / f"an-{storage}", spec, analytic, device="cpu",
+                       progress=False)  # fmt: skip
+    for kind in ("est", "an"):
+        record = json.loads((tmp_path / f"{kind}-float32/kernel.json").read_text())
+        assert record["storage"] == "float32"
+        for name in ("train", "test"):
+            wide = np.load(tmp_path / f"{kind}-float64/{name}.npy")
+            narrow = np.load(tmp_path / f"{kind}-float32/{name}.npy")
+            assert wide.dtype == np.float64 and narrow.dtype == np.float32
+            np.testing.assert_array_equal(narrow, wide.astype(np.float32))
+        assert sorted(p.name for p in (tmp_path / f"{kind}-float32").iterdir()) == [
+            "kernel.json", "test.npy", "train.npy"
+        ]  # fmt: skip
+    # a float64 analytic record keeps the keys it had before the setting existed
+    record = json.loads((tmp_path / "an-float64/kernel.json").read_text())
+    assert set(record["settings"]) == {"block_size", "precision"}
+    # the solvers read float32 blocks in float64: the same flow as on the rounded kernel
+    narrow = np.load(tmp_path / "est-float32/train.npy", mmap_mode="r")
+    rows = torch.from_numpy(np.asarray(narrow, np.float64))
+    np.testing.assert_array_equal(kernel_rows(narrow, slice(0, 24), CPU).numpy(), rows[:24])
 
 
 def test_flips_double_train_rows_only(split_files, tmp_path):

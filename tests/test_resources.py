@@ -97,8 +97,10 @@ def test_kernel_memory_at_the_thesis_sizes():
     assert on_gpu == mib(mapped)
     activations = 3 * 4 * 16 * 64 * 256 * 32 * 32
     assert on_cpu == mib(blocks + mapped + activations)
-    # a merge: the merged memory map and one 4096-row block of each shard and the sum
-    assert resources.merge_mem_mb(blocks, 50_000, 4) == mib(mapped + 5 * 4096 * 50_000 * 8)
+    # a merge: the merged memory map and one 128 MiB block (335 rows of 50000) of each
+    # shard, their sum and its projection; the block does not grow with the width
+    assert resources.merge_mem_mb(blocks, 50_000, 4) == mib(mapped + 6 * 335 * 50_000 * 8)
+    assert resources.merge_mem_mb(0, 200_000, 4) * MIB <= BASE_BYTES + 6 * (128 << 20) + MIB
 
 
 def mib(n_bytes: float) -> int:

@@ -23,6 +23,8 @@ from neural_kernels.settings import (
     DEVICE_HELP,
     ESTIMATE_PRECISIONS,
     KERNEL_METHODS,
+    KERNEL_STORAGES,
+    STORAGE_HELP,
     AnalyticSettings,
     DownloadSettings,
     EstimateSettings,
@@ -273,7 +275,8 @@ def _add_kernel_parser(sub: Subparsers) -> None:
         help="analytic: float64 (default), mixed or float32; estimate: float32 (default), "
         "tf32 or bf16 features",
     )
-    add_arguments(p, AnalyticSettings, skip=("precision",))
+    # one float64 file: the kernel directories' storage setting does not apply
+    add_arguments(p, AnalyticSettings, skip=("precision", "storage"))
     add_arguments(p, EstimateSettings, skip=("precision",))
     p.set_defaults(handler=_cmd_kernel)
 
@@ -281,9 +284,10 @@ def _add_kernel_parser(sub: Subparsers) -> None:
 def _method_settings(args: argparse.Namespace) -> AnalyticSettings | EstimateSettings:
     """The ``kernel`` command's settings of its ``--method``."""
     cls = AnalyticSettings if args.method == "analytic" else EstimateSettings
-    if args.precision is None:
-        return from_arguments(cls, args, precision=cls.__dataclass_fields__["precision"].default)
-    return from_arguments(cls, args)
+    precision = args.precision or cls.__dataclass_fields__["precision"].default
+    if cls is AnalyticSettings:
+        return from_arguments(cls, args, precision=precision, storage="float64")
+    return from_arguments(cls, args, precision=precision)
 
 
 def _cmd_kernel(args: argparse.Namespace) -> object:
@@ -363,13 +367,20 @@ def _add_kernel_merge_parser(sub: Subparsers) -> None:
     )
     p.add_argument("shards", type=Path, nargs="+", metavar="SHARD_DIR")
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument(
+        "--storage",
+        choices=KERNEL_STORAGES,
+        default="float64",
+        help=f"{STORAGE_HELP} (default float64)",
+    )
     p.set_defaults(handler=_cmd_kernel_merge)
 
 
 def _cmd_kernel_merge(args: argparse.Namespace) -> object:
     from neural_kernels.kernels.stage import merge_shards
 
-    return _pick(merge_shards(args.shards, args.out_dir), "features", "shards", "seconds")
+    record = merge_shards(args.shards, args.out_dir, storage=args.storage)
+    return _pick(record, "features", "shards", "storage", "seconds")
 
 
 def _add_kernel_analytic_parser(sub: Subparsers) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from neural_kernels.errors import DataError
+from neural_kernels.kernels.layout import merge_block_rows
 from neural_kernels.settings import (
     ANALYTIC_CPU_BLOCK_BYTES,
     ZCA_BLOCK_BYTES,
@@ -157,13 +158,12 @@ def analytic_mem_mb(
     return _mib(_mapped(kernel_bytes(fitted_rows, eval_rows)) + workspace)
 
 
-def merge_mem_mb(
-    kernel_file_bytes: int, fitted_rows: int, shards: int, block_rows: int = 4096
-) -> int:
+def merge_mem_mb(kernel_file_bytes: int, fitted_rows: int, shards: int) -> int:
     """Merging shards: the merged kernel (memory-mapped) and, in flight, one row block
-    of ``block_rows`` float64 rows from every shard and their sum
-    (:func:`~neural_kernels.kernels.stage.merge_shards`)."""
-    in_flight = (shards + 1) * block_rows * fitted_rows * 8
+    of :data:`~neural_kernels.kernels.layout.MERGE_BLOCK_BYTES` from every shard, their
+    sum and its projection (:func:`~neural_kernels.kernels.stage.merge_shards`)."""
+    block_rows = merge_block_rows(fitted_rows)
+    in_flight = (shards + 2) * block_rows * fitted_rows * 8
     return _mib(_mapped(kernel_file_bytes) + in_flight)
 
 

@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from neural_kernels.data.sources import ARCHIVES, SOURCES
 from neural_kernels.data.synthetic import test_images
 from neural_kernels.errors import NeuralKernelsError
@@ -59,11 +61,13 @@ class PlannedSolve:
     holds_bytes: int  # on the GPU when on_gpu, else on the host
     asked_mb: int  # the host memory its job asks for (before the workflow's floor)
     hours: float
+    entry_bytes: int = 8  # of the kernel's files: its storage setting
 
     @property
     def kernel_gb(self) -> float:
-        """The kernel's float64 files: the fitted block and the eval rows."""
-        return 8 * self.sizes.rows * (self.sizes.rows + self.sizes.eval_rows) / 1e9
+        """The kernel's files: the fitted block and the eval rows."""
+        rows = self.sizes.rows
+        return self.entry_bytes * rows * (rows + self.sizes.eval_rows) / 1e9
 
 
 def planned_sizes(dataset: dict, spec: KernelSpec) -> SolveSizes | None:
@@ -90,15 +94,18 @@ def planned_sizes(dataset: dict, spec: KernelSpec) -> SolveSizes | None:
     return SolveSizes(rows, eval_rows, classes)
 
 
-def solve_hours(settings: SolverSettings, sizes: SolveSizes, on_gpu: bool) -> float:
+def solve_hours(
+    settings: SolverSettings, sizes: SolveSizes, on_gpu: bool, entry_bytes: int = 8
+) -> float:
     """Modelled hours of a solve: selection on train and refit on train + val (taken as
     two fits of ``N`` rows). Dense: one eigendecomposition (flow) or a Cholesky per
     ``lambda`` (ridge) at the device's matmul rate. Streaming: its passes over the
     kernel at :data:`DISK_BYTES_PER_S` (boosting: two a step, its batches and the
     update, plus ``N / M`` batch eigendecompositions; pcg: at most ``max_iterations``
-    plus two, and the preconditioner's ``r`` rows)."""
+    plus two, and the preconditioner's ``r`` rows), each pass ``entry_bytes`` (the
+    kernel's storage) per entry."""
     n, flops = sizes.rows, GPU_FLOPS if on_gpu else CPU_FLOPS
-    kernel_pass = 8 * n * n / DISK_BYTES_PER_S
+    kernel_pass = entry_bytes * n * n / DISK_BYTES_PER_S
     if settings.method == "flow":
         seconds = EIGH_MATMUL_UNITS * n**3 / flops
     elif settings.method == "ridge":
@@ -109,7 +116,8 @@ def solve_hours(settings: SolverSettings, sizes: SolveSizes, on_gpu: bool) -> fl
         seconds = settings.steps * (2 * kernel_pass + eighs)
     elif settings.method == "pcg":
         rank = min(settings.rank, n)
-        seconds = (settings.max_iterations + 2) * kernel_pass + 8 * n * rank / DISK_BYTES_PER_S
+        preconditioner = entry_bytes * n * rank / DISK_BYTES_PER_S
+        seconds = (settings.max_iterations + 2) * kernel_pass + preconditioner
     else:  # a registered solver without a model
         return math.nan
     return 2 * seconds / 3600
@@ -122,6 +130,7 @@ def planned_solves(config: dict) -> list[PlannedSolve]:
     for name, dataset in config["datasets"].items():
         for kernel in dataset.get("kernels", []):
             spec = from_config(KernelSpec, config["kernels"][kernel])
+            entry_bytes = np.dtype(config["kernels"][kernel].get("storage", "float64")).itemsize
             sizes = planned_sizes(dataset, spec)
             if sizes is None:
                 continue
@@ -137,7 +146,7 @@ def planned_solves(config: dict) -> list[PlannedSolve]:
                     PlannedSolve(
                         name, kernel, solver, settings.method, on_gpu, sizes, holds,
                         solve_mem_mb(settings, sizes, on_gpu=on_gpu),
-                        solve_hours(settings, sizes, on_gpu),
+                        solve_hours(settings, sizes, on_gpu, entry_bytes), entry_bytes,
                     )
                 )  # fmt: skip
     return planned

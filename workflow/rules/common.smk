@@ -272,9 +272,16 @@ def estimate_args(wildcards, input):
 
 def analytic_args(wildcards, input):
     """`neural-kernels kernel-analytic` options."""
-    size = KERNELS[wildcards.kernel]["block_size"]
-    block = f" --block-size {size}" if size else ""
-    return kernel_args(wildcards, input) + block
+    cfg = KERNELS[wildcards.kernel]
+    block = f" --block-size {cfg['block_size']}" if cfg["block_size"] else ""
+    return f"{kernel_args(wildcards, input)}{block}{storage_arg(wildcards)}"
+
+
+def storage_arg(wildcards):
+    """`--storage` of a kernel whose files are not float64 (none otherwise, so that the
+    runs from before the setting keep their command lines)."""
+    dtype = KERNELS[wildcards.kernel]["storage"]
+    return "" if dtype == "float64" else f" --storage {dtype}"
 
 
 def kernel_shard_files(wildcards):

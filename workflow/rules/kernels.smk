@@ -63,10 +63,11 @@ rule kernel_merge:
         runtime=job_runtime("kernel_merge"),
     params:
         shards=kernel_shard_dirs,
+        dtype=storage_arg,
         out=output_dir,
     shell:
-        "python -m neural_kernels kernel-merge {params.shards} --out-dir {params.out:q}"
-        " > {log:q} 2>&1"
+        "python -m neural_kernels kernel-merge {params.shards}{params.dtype}"
+        " --out-dir {params.out:q} > {log:q} 2>&1"
 
 
 use rule kernel_merge as kernel_merge_subset with:

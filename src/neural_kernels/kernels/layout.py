@@ -12,6 +12,15 @@ from __future__ import annotations
 
 KERNEL_META = "kernel.json"
 SHARD_META = "shard.json"
+#: The merge's row blocks, in bytes of float64 rows, so that what it holds in flight
+#: does not grow with the kernel's width (4096 fixed rows held 1.8 GB at 16000 rows,
+#: benchmarks/scale.py).
+MERGE_BLOCK_BYTES = 128 << 20
+
+
+def merge_block_rows(columns: int, block_bytes: int = MERGE_BLOCK_BYTES) -> int:
+    """Rows of a ``columns``-wide float64 block that fit ``block_bytes`` (at least 1)."""
+    return max(1, block_bytes // (8 * columns))
 
 
 def eval_splits(fits_val: bool, crops: bool = False) -> list[str]:

@@ -42,7 +42,12 @@ from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels.analytic import analytic_kernel, auto_block_size
 from neural_kernels.kernels.estimate import estimate_sums, projected_kernel
-from neural_kernels.kernels.layout import KERNEL_META, SHARD_META
+from neural_kernels.kernels.layout import (
+    KERNEL_META,
+    MERGE_BLOCK_BYTES,
+    SHARD_META,
+    merge_block_rows,
+)
 from neural_kernels.outputs import resume_dir, resume_key, staged_directory, write_json
 from neural_kernels.settings import CROP_KEYS, AnalyticSettings, EstimateSettings, KernelSpec
 
@@ -373,6 +378,20 @@ def _read_meta(path: Path) -> dict:
         raise DataError(f"cannot read {path} ({error}); rerun the step that writes it") from None
 
 
+def _shard_settings(shard_dir: Path, meta: dict) -> EstimateSettings:
+    """A shard's recorded estimate settings, or a clear error for a shard that another
+    version of the package wrote (settings it does not know)."""
+    known = {field.name for field in dataclasses.fields(EstimateSettings)}
+    unknown = sorted(set(meta.get("settings", {})) - known)
+    if unknown:
+        raise DataError(
+            f"{Path(shard_dir) / SHARD_META} has estimate settings this version does not "
+            f"know ({', '.join(unknown)}): another version of neural-kernels wrote it; "
+            "delete the shards and rerun their kernel-shard jobs"
+        )
+    return EstimateSettings(**meta["settings"])
+
+
 def _check_same_configuration(shard_dirs: list[Path], metas: list[dict]) -> None:
     """Every shard has the first one's kernel, settings, shard count and inputs."""
     first = metas[0]
@@ -437,6 +456,26 @@ def _project_sums(
         outs[name].flush()
 
 
+def _stored_as(outs: dict[str, NDArray], dtype: np.dtype, block_rows: int) -> dict[str, NDArray]:
+    """The float64 kernel files in ``outs`` rewritten as ``dtype`` (the ``storage``
+    setting), in row blocks; unchanged for float64."""
+    if dtype == np.float64:
+        return outs
+    stored = {}
+    for name, array in outs.items():
+        path = Path(array.filename)
+        out = np.lib.format.open_memmap(
+            path.with_suffix(".part"), mode="w+", dtype=dtype, shape=array.shape
+        )
+        for start in range(0, array.shape[0], block_rows):
+            out[start : start + block_rows] = array[start : start + block_rows]
+        out.flush()
+        del array
+        os.replace(path.with_suffix(".part"), path)
+        stored[name] = np.load(path, mmap_mode="r")
+    return stored
+
+
 def _merged_record(metas: list[dict], started: float) -> dict:
     """kernel.json of merged shards: the shards' configuration, totals and timings."""
     first = metas[0]
@@ -460,24 +499,33 @@ def _merged_record(metas: list[dict], started: float) -> dict:
     return record
 
 
-def merge_shards(shard_dirs: list[Path], out_dir: Path, block_rows: int = 4096) -> dict:
+def merge_shards(
+    shard_dirs: list[Path],
+    out_dir: Path,
+    storage: str = "float64",
+    block_bytes: int = MERGE_BLOCK_BYTES,
+) -> dict:
     """Add the shards' sums and apply the final projection; write a kernel directory.
 
     The shards must come from the same settings and cover every chunk exactly once.
+    ``storage`` is the dtype of the files: the sums and the projection are float64, and
+    float32 files hold that kernel rounded once.
     """
     started = time.perf_counter()
     metas = [_read_meta(Path(d) / SHARD_META) for d in shard_dirs]
     first = metas[0]
     _check_same_configuration(shard_dirs, metas)
-    settings = EstimateSettings(**first["settings"])
+    settings = _shard_settings(shard_dirs[0], first)
     final = myrtle(first["arch"], first["activation"], first["gamma"]).final
     _check_coverage(metas, settings)
     evals = [name for name in first["inputs"] if name not in ("train", "image_shape")]
+    block_rows = merge_block_rows(first["inputs"]["train"]["rows"], block_bytes)
     with staged_directory(Path(out_dir), last=KERNEL_META) as stage:
         outs = _add_sums(stage, shard_dirs, first["inputs"], ["train", *evals], block_rows)
         _project_sums(outs, shard_dirs, final, block_rows)
+        outs = _stored_as(outs, np.dtype(storage), block_rows)
         check_finite_blocks(outs, Path(out_dir))
-        record = _merged_record(metas, started)
+        record = _merged_record(metas, started) | {"storage": storage}
         write_json(stage / KERNEL_META, record)
     return record
 
@@ -501,7 +549,7 @@ def _resume_block_size(
 
 
 def _open_blocks(
-    scratch: Path, name: str, shape: tuple[int, int], block_size: int, fresh: bool
+    scratch: Path, name: str, shape: tuple[int, int], settings: AnalyticSettings, fresh: bool
 ) -> tuple[NDArray, NDArray]:
     """The memory-mapped kernel ``<name>.npy`` in ``scratch`` and its mask of done blocks.
 
@@ -509,9 +557,10 @@ def _open_blocks(
     """
     n_rows, n_cols = shape
     path, mask = scratch / f"{name}.npy", scratch / f"{name}.done.npy"
+    block_size = settings.block_size
     blocks = -(-n_rows // block_size) * -(-n_cols // block_size)
     if fresh or not path.exists() or not mask.exists():
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=settings.storage, shape=shape)
         done = np.lib.format.open_memmap(mask, mode="w+", dtype=bool, shape=(blocks,))
     else:
         out = np.load(path, mmap_mode="r+")
@@ -537,7 +586,7 @@ def _analytic_matrix(
     ``settings.block_size`` is set.
     """
     n_rows = len(rows) if images is None else len(images)
-    out, done = _open_blocks(scratch, name, (n_rows, len(rows)), settings.block_size, fresh)
+    out, done = _open_blocks(scratch, name, (n_rows, len(rows)), settings, fresh)
     started = time.perf_counter()
     analytic_kernel(
         net,
@@ -564,6 +613,14 @@ def _move_in(out_dir: Path, scratch: Path, names: list[str], record: dict) -> No
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _analytic_record_settings(settings: AnalyticSettings) -> dict:
+    """The settings kernel.json and the resume key hold: ``storage`` only when it is not
+    float64, so that the runs (and resume directories) from before the setting keep
+    their keys."""
+    kept = {"block_size": settings.block_size, "precision": settings.precision}
+    return kept | ({"storage": settings.storage} if settings.storage != "float64" else {})
+
+
 def analytic_files(
     inputs: KernelInputs,
     out_dir: Path,
@@ -588,12 +645,10 @@ def analytic_files(
     # resume_dir's directory, read before the key, which includes the block size.
     scratch = out_dir.parent / f".{out_dir.name}.resume"
     block_size, auto = _resume_block_size(scratch, settings, rows, run_device)
-    settings = AnalyticSettings(block_size, settings.precision)
+    settings = dataclasses.replace(settings, block_size=block_size)
     reset_peak_memory(run_device)
     record = {
-        **_spec_record(
-            "analytic", spec, {"block_size": block_size, "precision": settings.precision}
-        ),
+        **_spec_record("analytic", spec, _analytic_record_settings(settings)),
         "inputs": _describe(rows, eval_rows),
     }
     scratch, fresh = resume_dir(out_dir, resume_key(record))
@@ -608,6 +663,7 @@ def analytic_files(
         )
         pairs += len(images) * len(rows) if images is not None else len(rows) * (len(rows) + 1) // 2
     record.update(
+        storage=settings.storage,
         device=device_name(run_device),
         seconds={"total": time.perf_counter() - started, **seconds},
         pairs=pairs,

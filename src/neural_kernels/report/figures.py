@@ -7,49 +7,17 @@ which experiment would provide it).
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from neural_kernels.kernels.compare import centred_relative_error
+from neural_kernels.layout import FULL_VIEW, subset_of
+from neural_kernels.report.collect import Results
+from neural_kernels.report.drawing import Figure, axes, svg
 
-from neural_kernels.kernels.compare import centred_relative_error  # noqa: E402
-from neural_kernels.layout import FULL_VIEW, subset_of  # noqa: E402
-from neural_kernels.report.collect import Results  # noqa: E402
-
-plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "figure.dpi": 100})
 #: Kernels above this many train rows are not re-read for the error figure.
 MAX_ERROR_ROWS = 20_000
-
-
-@dataclass
-class Figure:
-    name: str
-    title: str
-    caption: str
-    svg: str
-
-
-def _svg(fig: plt.Figure) -> str:
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]  # drop the XML prologue: inline in HTML
-
-
-def _axes(xlabel: str, ylabel: str, logx: bool = False) -> tuple[plt.Figure, plt.Axes]:
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logx:
-        ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    return fig, ax
 
 
 def _kind(view: str) -> str:
@@ -91,7 +59,7 @@ def figure_kernel_error(results: Results) -> Figure | None:
     rows = kernel_errors(results)
     if not rows:
         return None
-    fig, ax = _axes("random features F", "centred relative Frobenius error", logx=True)
+    fig, ax = axes("random features F", "centred relative Frobenius error", logx=True)
     ax.set_yscale("log")
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -112,7 +80,7 @@ def figure_kernel_error(results: Results) -> Figure | None:
         "Relative Frobenius error of the doubly centred train kernel against the analytic "
         "kernel of the same images (subsets averaged over seeds). Narrow networks level "
         "off at their finite-width bias.",
-        _svg(fig),
+        svg(fig),
     )
 
 
@@ -120,7 +88,7 @@ def figure_accuracy_vs_features(results: Results) -> Figure | None:
     points = [s for s in results.solves if s["kernel"].get("method") == "estimate"]
     if not points:
         return None
-    fig, ax = _axes("random features F", "test accuracy (%)", logx=True)
+    fig, ax = axes("random features F", "test accuracy (%)", logx=True)
     groups: dict[tuple, list[tuple[float, float]]] = {}
     for s in points:
         key = (s["dataset"], _kind(s["view"]), s["kernel"]["arch"], s["solver"])
@@ -144,7 +112,7 @@ def figure_accuracy_vs_features(results: Results) -> Figure | None:
         "Accuracy against the number of random features",
         "Test accuracy of estimated kernels (validation-selected); dashed: the analytic "
         "kernel with the same solver.",
-        _svg(fig),
+        svg(fig),
     )
 
 
@@ -152,7 +120,7 @@ def figure_boosting(results: Results) -> Figure | None:
     runs = [s for s in results.solves if s["method"] == "boosting"]
     if not runs:
         return None
-    fig, ax = _axes("boosting step", "accuracy (%)")
+    fig, ax = axes("boosting step", "accuracy (%)")
     for s in runs:
         eta_t = s["selected"]["eta_t"]
         curve = sorted((p["step"], p["accuracy"]) for p in s["grid"] if p.get("eta_t") == eta_t)
@@ -173,7 +141,7 @@ def figure_boosting(results: Results) -> Figure | None:
         "Boosting accuracy against steps",
         "Solid: test, dotted: validation accuracy after each boosting step (the selected "
         "eta t); dashed: the full gradient-flow solve of the same kernel.",
-        _svg(fig),
+        svg(fig),
     )
 
 
@@ -182,7 +150,7 @@ def figure_flow_vs_ridge(results: Results) -> Figure | None:
     runs = [s for s in results.solves if s["method"] in ("flow", *ridge) and s["view"] == "full"]
     if not runs:
         return None
-    fig, ax = _axes("eta t  (ridge: 1 / lambda)", "validation accuracy (%)", logx=True)
+    fig, ax = axes("eta t  (ridge: 1 / lambda)", "validation accuracy (%)", logx=True)
     colors: dict[tuple, str] = {}
     for s in sorted(runs, key=lambda r: (r["dataset"], r["kernel_name"], r["method"])):
         points = [p for p in s["grid"] if "accuracy" in p]
@@ -204,7 +172,7 @@ def figure_flow_vs_ridge(results: Results) -> Figure | None:
         "Validation accuracy along the flow's eta t (solid) and kernel ridge's 1 / lambda "
         "(dashed: Cholesky; dotted: conjugate gradients): the thesis preferred the flow "
         "for being less sensitive to eta.",
-        _svg(fig),
+        svg(fig),
     )
 
 
@@ -238,7 +206,7 @@ def figure_cost_growth(results: Results) -> Figure | None:
     series = cost_growth(results)
     if not series:
         return None
-    fig, ax = _axes("size (ZCA: pixels x channels P; solvers: train points N)", "seconds", True)
+    fig, ax = axes("size (ZCA: pixels x channels P; solvers: train points N)", "seconds", True)
     ax.set_yscale("log")
     for s in series:
         slope = f" (slope {s['slope']:.2f})" if s["slope"] is not None else ""
@@ -249,7 +217,7 @@ def figure_cost_growth(results: Results) -> Figure | None:
         "Cost growth",
         "Wall time against size from benchmarks/zca.py and benchmarks/solvers.py, with "
         "log-log slopes (3 for a cubic cost).",
-        _svg(fig),
+        svg(fig),
     )
 
 

@@ -33,6 +33,7 @@ from neural_kernels.layout import (
 from neural_kernels.outputs import staged_directory
 from neural_kernels.report.collect import Results, collect, read_json
 from neural_kernels.report.figures import FIGURES, cost_growth
+from neural_kernels.report.scaling import SCALING_FIGURES, scaling
 from neural_kernels.report.tables import fill_tables, kernel_seconds, load_thesis
 
 PACKAGES = ("neural-kernels", "torch", "torchvision", "numpy", "scipy", "snakemake", "jinja2")
@@ -134,12 +135,16 @@ def build_context(results_dir: Path, thesis_path: Path, config: dict | None, rep
         else:
             figures.append(figure)
     rows = timings(results)
+    scaling_section = scaling(results)
+    if scaling_section is not None:
+        scaling_section["figures"] = [make(results) for make in SCALING_FIGURES]
     return {
         "tables": fill_tables(load_thesis(thesis_path), results),
         "timings": rows,
         "stage_totals": stage_totals(rows),
         "kernel_times": kernel_times(results),
         "cost_growth": cost_growth(results),
+        "scaling": scaling_section,
         "figures": figures,
         "missing_figures": missing_figures,
         "datasets": results.datasets,
@@ -175,7 +180,7 @@ def render_report(
     markdown = env.get_template("report.md.j2").render(**context)
     out_dir = Path(out_dir)
     with staged_directory(out_dir / "figures") as stage:
-        for figure in context["figures"]:
+        for figure in context["figures"] + (context["scaling"] or {}).get("figures", []):
             (stage / f"{figure.name}.svg").write_text(figure.svg)
     with staged_directory(out_dir) as stage:
         (stage / "report.md").write_text(markdown)
