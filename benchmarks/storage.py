@@ -17,7 +17,7 @@ Kernels: the default workflow's digits kernels (``results/kernels/digits/full/*`
 (32x32x3, made by the real stages). The decision rule of ``config/thesis.yaml``: float32
 for its large kernels only if every selected accuracy moves by less than
 :data:`THRESHOLD_POINTS`. Writes ``results/benchmarks/storage.json``. Usage:
-``python benchmarks/storage.py`` (about 10 minutes on 2 cores; ``--quick``: a smoke run).
+``python benchmarks/storage.py`` (about 20 minutes on 2 cores; ``--quick``: a smoke run).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def compare(name: str, kernel_dir: Path, labels: dict, scratch: Path, quick: boo
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=8000, help="synthetic fitted rows")
+    parser.add_argument("--rows", type=int, default=3000, help="synthetic fitted rows")
     parser.add_argument("--digits", type=Path, default=REPO / "results/kernels/digits/full")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--out", type=Path, default=REPO / script_benchmark("storage"))
