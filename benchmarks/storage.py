@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neural_kernels.layout import script_benchmark
+from neural_kernels import layout
+from neural_kernels.data.prepared import split_files
 from neural_kernels.solvers.stage import SolverSettings, solve_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,19 +131,21 @@ def compare(name: str, kernel_dir: Path, labels: dict, scratch: Path, quick: boo
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=3000, help="synthetic fitted rows")
-    parser.add_argument("--digits", type=Path, default=REPO / "results/kernels/digits/full")
+    default = REPO / layout.kernel_dir("digits", layout.FULL_VIEW, "")
+    parser.add_argument("--digits", type=Path, default=default, help="kernel directories under")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    parser.add_argument("--out", type=Path, default=REPO / script_benchmark("storage"))
+    parser.add_argument("--out", type=Path, default=REPO / layout.script_benchmark("storage"))
     args = parser.parse_args(argv)
     rows = 300 if args.quick else args.rows
     report: dict = {"threshold_points": THRESHOLD_POINTS, "kernels": []}
     with tempfile.TemporaryDirectory(prefix="nk-storage-") as tmp:
         scratch = Path(tmp)
-        digits_labels = {s: REPO / f"results/data/digits/{s}_labels.npy" for s in SPLITS}
-        for kernel_dir in sorted(args.digits.glob("*/kernel.json"))[: 1 if args.quick else None]:
-            name = f"digits/{kernel_dir.parent.name}"
+        digits = REPO / layout.data_dir("digits")
+        digits_labels = {s: digits / split_files(s)[1] for s in SPLITS}
+        for kernel_json in sorted(args.digits.glob("*/kernel.json"))[: 1 if args.quick else None]:
+            name = f"digits/{kernel_json.parent.name}"
             report["kernels"].append(
-                compare(name.replace("/", "-"), kernel_dir.parent, digits_labels, scratch,
+                compare(name.replace("/", "-"), kernel_json.parent, digits_labels, scratch,
                         args.quick) | {"kernel": name}
             )  # fmt: skip
         kernel, labels = synthetic_kernel(scratch / "synthetic", rows, 8 if args.quick else 32,
