@@ -20,6 +20,7 @@ from neural_kernels import __version__
 from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.settings import (
     ANALYTIC_PRECISIONS,
+    DEFAULT_STORAGE,
     DEVICE_HELP,
     ESTIMATE_PRECISIONS,
     KERNEL_METHODS,
@@ -370,7 +371,7 @@ def _add_kernel_merge_parser(sub: Subparsers) -> None:
     p.add_argument(
         "--storage",
         choices=KERNEL_STORAGES,
-        default="float64",
+        default=DEFAULT_STORAGE,
         help=f"{STORAGE_HELP} (default float64)",
     )
     p.set_defaults(handler=_cmd_kernel_merge)

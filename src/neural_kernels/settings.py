@@ -357,6 +357,7 @@ ESTIMATE_PRECISIONS = ("float32", "tf32", "bf16")
 #: dtypes of a kernel's stored files (benchmarks/storage.py measures what float32 changes):
 #: the analytic stage's and the merge's option (an estimate's shards keep float64 sums)
 KERNEL_STORAGES = ("float64", "float32")
+DEFAULT_STORAGE = KERNEL_STORAGES[0]
 STORAGE_HELP = (
     "dtype of the kernel files: float32 halves them and every solver pass over them "
     "(computed, summed and solved in float64)"
@@ -432,7 +433,7 @@ class AnalyticSettings(Checked):
         "float64, mixed (float64 after the last 2x2 pool, as Shankar et al.) or float32",
         choices=ANALYTIC_PRECISIONS,
     )
-    storage: str = setting("float64", STORAGE_HELP, choices=KERNEL_STORAGES)
+    storage: str = setting(DEFAULT_STORAGE, STORAGE_HELP, choices=KERNEL_STORAGES)
 
 
 @dataclasses.dataclass(frozen=True)

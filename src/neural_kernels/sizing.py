@@ -32,7 +32,7 @@ from neural_kernels.data.sources import ARCHIVES, SOURCES
 from neural_kernels.data.synthetic import test_images
 from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.resources import MIB, SolveSizes, machine_has_gpus, solve_mem_mb
-from neural_kernels.settings import KernelSpec, SolverSettings, from_config
+from neural_kernels.settings import DEFAULT_STORAGE, KernelSpec, SolverSettings, from_config
 from neural_kernels.solvers import memory
 from neural_kernels.solvers.registry import SOLVERS
 
@@ -129,8 +129,9 @@ def planned_solves(config: dict) -> list[PlannedSolve]:
     gpus = machine_has_gpus() if config["gpus"] == "auto" else bool(config["gpus"])
     for name, dataset in config["datasets"].items():
         for kernel in dataset.get("kernels", []):
-            spec = from_config(KernelSpec, config["kernels"][kernel])
-            entry_bytes = np.dtype(config["kernels"][kernel].get("storage", "float64")).itemsize
+            kernel_cfg = config["kernels"][kernel]
+            spec = from_config(KernelSpec, kernel_cfg)
+            entry_bytes = np.dtype(kernel_cfg.get("storage", DEFAULT_STORAGE)).itemsize
             sizes = planned_sizes(dataset, spec)
             if sizes is None:
                 continue

@@ -32,6 +32,7 @@ from neural_kernels.layout import (
 from neural_kernels.seeds import derived_seed
 from neural_kernels.solvers.memory import solve_sizes
 from neural_kernels.settings import (
+    DEFAULT_STORAGE,
     EstimateSettings,
     KernelSpec,
     PrepareSettings,
@@ -281,7 +282,7 @@ def storage_arg(wildcards):
     """`--storage` of a kernel whose files are not float64 (none otherwise, so that the
     runs from before the setting keep their command lines)."""
     dtype = KERNELS[wildcards.kernel]["storage"]
-    return "" if dtype == "float64" else f" --storage {dtype}"
+    return "" if dtype == DEFAULT_STORAGE else f" --storage {dtype}"
 
 
 def kernel_shard_files(wildcards):

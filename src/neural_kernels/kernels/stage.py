@@ -49,7 +49,13 @@ from neural_kernels.kernels.layout import (
     merge_block_rows,
 )
 from neural_kernels.outputs import resume_dir, resume_key, staged_directory, write_json
-from neural_kernels.settings import CROP_KEYS, AnalyticSettings, EstimateSettings, KernelSpec
+from neural_kernels.settings import (
+    CROP_KEYS,
+    DEFAULT_STORAGE,
+    AnalyticSettings,
+    EstimateSettings,
+    KernelSpec,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -502,7 +508,7 @@ def _merged_record(metas: list[dict], started: float) -> dict:
 def merge_shards(
     shard_dirs: list[Path],
     out_dir: Path,
-    storage: str = "float64",
+    storage: str = DEFAULT_STORAGE,
     block_bytes: int = MERGE_BLOCK_BYTES,
 ) -> dict:
     """Add the shards' sums and apply the final projection; write a kernel directory.
@@ -618,7 +624,7 @@ def _analytic_record_settings(settings: AnalyticSettings) -> dict:
     float64, so that the runs (and resume directories) from before the setting keep
     their keys."""
     kept = {"block_size": settings.block_size, "precision": settings.precision}
-    return kept | ({"storage": settings.storage} if settings.storage != "float64" else {})
+    return kept | ({"storage": settings.storage} if settings.storage != DEFAULT_STORAGE else {})
 
 
 def analytic_files(
