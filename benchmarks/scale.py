@@ -289,8 +289,8 @@ def _slope(rows: list[float], values: list[float]) -> float:
 
 def holds_gb(method: str, n: int, plan: Plan) -> float:
     """What a solve at ``n`` fitted rows holds (the registry's footprint), in GB."""
-    settings = SolverSettings(method, batch_size=plan.batch_size, steps=plan.steps,
-                              rank=plan.rank, max_iterations=plan.max_iterations)  # fmt: skip
+    settings = SolverSettings.using(method, batch_size=plan.batch_size, steps=plan.steps,
+                                    rank=plan.rank, max_iterations=plan.max_iterations)  # fmt: skip
     return SOLVERS.lookup(method).holds_bytes(settings, n, _evals(n, plan), plan.classes) / 1e9
 
 

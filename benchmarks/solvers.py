@@ -156,7 +156,7 @@ def digits_accuracy(kernels: Path, device: str) -> list[dict]:
     rows = []
     for kernel_dir in sorted(kernels.glob("*/kernel.json")):
         for method in METHODS:
-            settings = SolverSettings(method, batch_size=160, steps=20, eta_t=())
+            settings = SolverSettings.using(method, batch_size=160, steps=20)
             with tempfile.TemporaryDirectory() as out:
                 record = solve_files(
                     kernel_dir.parent, labels, Path(out), settings, device=device, progress=False

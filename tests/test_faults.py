@@ -121,7 +121,7 @@ def test_killed_estimate_shard_reruns_to_the_same_sums(images, tmp_path):
         return re.search(r"\| *[1-9]\d*/150 \[", log.read_text()) is not None
 
     kill_part_way([*args, "--out-dir", str(tmp_path / "out")], under_way, tmp_path / "log")
-    assert not list((tmp_path / "out").glob("*"))
+    assert not list((tmp_path / "out").glob("[!.]*"))
     run([*args, "--out-dir", str(tmp_path / "out")])
     assert_same_arrays(tmp_path / "out", tmp_path / "whole")
     assert no_scratch(tmp_path)
@@ -133,11 +133,11 @@ def test_killed_zca_reruns_to_the_same_whitening(images, tmp_path):
     run([*args, "--out-dir", str(tmp_path / "whole")])
 
     def writing(_: Path) -> bool:  # fitted; whitening into the scratch directory
-        return any(tmp_path.glob(".out.partial-*/*.npy"))
+        return any(tmp_path.glob("out/.out.partial-*/*.npy"))
 
     kill_part_way([*args, "--out-dir", str(tmp_path / "out")], writing, tmp_path / "log")
-    assert not list((tmp_path / "out").glob("*"))
-    assert list(tmp_path.glob(".out.partial-*"))  # what kill -9 leaves ...
+    assert not list((tmp_path / "out").glob("[!.]*"))
+    assert list(tmp_path.glob("out/.out.partial-*"))  # what kill -9 leaves ...
     run([*args, "--out-dir", str(tmp_path / "out")])
     assert_same_arrays(tmp_path / "out", tmp_path / "whole")
     assert no_scratch(tmp_path)  # ... the rerun removes
@@ -177,7 +177,7 @@ def test_killed_solve_reruns_to_the_same_predictions(kernel_dir, tmp_path):
         return re.search(r"boosting: +[1-9]\d*%", log.read_text()) is not None
 
     kill_part_way([*args, "--out-dir", str(tmp_path / "out")], under_way, tmp_path / "log")
-    assert not list((tmp_path / "out").glob("*"))
+    assert not list((tmp_path / "out").glob("[!.]*"))
     run([*args, "--out-dir", str(tmp_path / "out")])
     with (
         np.load(tmp_path / "out/predictions.npz") as a,
@@ -206,7 +206,7 @@ def test_killed_training_resumes_from_its_checkpoint(small_dataset, tmp_path):
     kill_part_way(
         [*args, "--out-dir", str(tmp_path / "out")], lambda _: checkpoint.exists(), tmp_path / "log"
     )
-    assert not list((tmp_path / "out").glob("*"))
+    assert not list((tmp_path / "out").glob("[!.]*"))
     run([*args, "--out-dir", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert 1 <= result["resumed_from_epoch"] < 12
@@ -235,11 +235,11 @@ def test_only_a_dead_runs_scratch_on_this_host_is_removed(tmp_path, monkeypatch)
         "other host": f".out.partial-node1-2-{dead}-abc",  # host 'node1-2', not node1
         "other output": f".out2.partial-node1-{dead}-abc",
     }
-    for name in names.values():
-        (tmp_path / name).mkdir()
+    for name in names.values():  # scratch lives inside the output directory
+        (tmp_path / "out" / name).mkdir(parents=True)
     with outputs.staged_directory(tmp_path / "out") as stage:
         (stage / "x.txt").write_text("x")
-    left = {path.name for path in tmp_path.iterdir()}
+    left = {path.name for path in (tmp_path / "out").iterdir()}
     assert names["dead"] not in left
     assert {names["alive"], names["other host"], names["other output"]} <= left
     assert (tmp_path / "out" / "x.txt").read_text() == "x"

@@ -602,7 +602,7 @@ def test_killed_shard_is_recomputed_on_rerun(split_files, tmp_path):
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".shard.partial-*/train.npy")):
+    while not list(out.glob(".shard.partial-*/train.npy")):
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.1)
     time.sleep(1.0)
@@ -759,7 +759,7 @@ def test_nan_images_are_refused_by_the_kernel_stages(split_files, tmp_path):
     with pytest.raises(DataError, match=r"\(rows 7\)"):
         estimate_shard(inputs, tmp_path / "s", KernelSpec("myrtle5"), SETTINGS, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / ".a.resume").exists()
-    assert not list((tmp_path / "s").glob("*")) and not list(tmp_path.glob(".s.partial-*"))
+    assert not list((tmp_path / "s").glob("*")) and not list(tmp_path.glob("s/.s.partial-*"))
     # a subset's kernel checks its own rows only: row 7 of train is not among them
     train = with_nan(split_files["train"], row=7)
     subset = KernelInputs(train, {"test": split_files["test"]}, split_files["indices"])

@@ -136,8 +136,11 @@ def test_ridge_reports_a_failed_factorisation_clearly():
     targets = np.ones((20, 1))
     with pytest.raises(NeuralKernelsError, match=r"not positive definite for lambda = 1e-06"):
         kernel_ridge_alpha(t(kernel), t(targets), 1e-6)
-    results = dict(ridge_path(t(kernel), t(targets), {}, [1.0, 1e-6]))
-    assert isinstance(results[1.0], dict) and isinstance(results[1e-6], str)
+    # along a path, a lambda below round-off fails alone (a PSD kernel of rank 5 of 20);
+    # an indefinite kernel is refused whole (test_failures.py)
+    singular = t(random_psd(20, 5, seed=7))
+    results = dict(ridge_path(singular, t(targets), {}, [1.0, 1e-18]))
+    assert isinstance(results[1.0], dict) and "lambda = 1e-18" in results[1e-18]
 
 
 def test_boosting_with_one_batch_and_one_step_equals_the_flow(digits_problem):
@@ -274,7 +277,8 @@ def test_solve_files_selects_on_validation_and_records_best_on_test(
     digits_problem, tmp_path, method, refit
 ):
     labels = write_kernel_dir(tmp_path / "kernel", digits_problem, refit=refit)
-    settings = SolverSettings(method, batch_size=100, steps=4)
+    options = {"batch_size": 100, "steps": 4} if method == "boosting" else {}
+    settings = SolverSettings(method, **options)
     record = solve_files(tmp_path / "kernel", labels, tmp_path / "out", settings, progress=False)
     grid = [point for point in record["grid"] if "accuracy" in point]
     best_val = max(point["accuracy"]["val"] for point in grid)
@@ -382,13 +386,13 @@ def test_mismatched_labels_are_a_clear_error_and_write_nothing(digits_problem, t
 
 
 def test_every_ridge_failure_is_a_clear_error(tmp_path):
-    bad = {"train": -np.eye(10), "val": np.zeros((2, 10)), "test": np.zeros((2, 10))}
+    bad = {"train": random_psd(10, 2), "val": np.zeros((2, 10)), "test": np.zeros((2, 10))}
     bad["y"] = {"train": np.arange(10) % 2, "val": np.array([0, 1]), "test": np.array([0, 1])}
     labels = write_kernel_dir(tmp_path / "kernel", bad)
     with pytest.raises(NeuralKernelsError, match="every grid point of the ridge solver failed"):
         solve_files(
             tmp_path / "kernel", labels, tmp_path / "out",
-            SolverSettings("ridge", lambdas=(1e-3,)), progress=False,
+            SolverSettings("ridge", lambdas=(1e-18,)), progress=False,
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
 

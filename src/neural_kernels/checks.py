@@ -106,3 +106,50 @@ def check_labels(labels: NDArray, what: str, num_classes: int | None = None) -> 
             f"values {sorted(set(labels[bad][:5].tolist()))}); the solvers predict the "
             "train split's classes only: were the labels made from another dataset?"
         )
+
+
+#: The label space (largest label + 1) may be at most ``max(LABEL_SPACE_FLOOR, rows)``:
+#: the solvers build one target column per class, and a few classes without images
+#: (ImageNet-R's 200 of 1000 ids, a small subset of many classes) are normal; a label
+#: far beyond the rows (99999 among 1,437 digits) is a mislabelled file.
+LABEL_SPACE_FLOOR = 1000
+
+
+def check_classes(labels: NDArray, what: str) -> None:
+    """Raise unless the fitted ``labels`` hold at least two classes and a label space
+    no larger than ``max(LABEL_SPACE_FLOOR, len(labels))``."""
+    if len(labels) == 0:
+        raise DataError(f"{what}: no labels (no images to fit); give a non-empty training set")
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise DataError(
+            f"{what}: every one of the {len(labels)} labels is class {int(present[0])}; a "
+            "classifier needs at least two classes (every prediction would be right): "
+            "check the labels file"
+        )
+    space, bound = int(labels.max()) + 1, max(LABEL_SPACE_FLOOR, len(labels))
+    if space > bound:
+        raise DataError(
+            f"{what}: the largest label is {space - 1}, so {space} target columns for "
+            f"{len(labels)} rows ({len(present)} classes present); labels must be class "
+            f"ids 0..C-1 with C <= max({LABEL_SPACE_FLOOR}, rows): renumber the classes"
+        )
+
+
+def check_not_blank(images: NDArray, what: str) -> None:
+    """Raise if an image of ``images`` (an array or row source of ``(N, ...)`` images,
+    scanned in row blocks) is all zeros: its normalised kernel ``k(x, y) / sqrt(k(x, x)
+    k(y, y))`` divides by zero (the estimate refuses its all-zero features alike)."""
+    n = len(images)
+    block_rows = max(1, BLOCK_BYTES // (8 * max(int(np.prod(images.shape[1:])), 1)))
+    blank = []
+    for rows in _blocks(n, block_rows):
+        flat = np.asarray(images[rows]).reshape(rows.stop - rows.start, -1)
+        blank.append(np.flatnonzero(~flat.any(axis=1)) + rows.start)
+    bad = np.concatenate(blank) if blank else np.empty(0, np.int64)
+    if len(bad):
+        raise DataError(
+            f"{what}: {len(bad)} of {n} images are all zeros (rows {_rows_text(bad)}); the "
+            "normalised kernel of a blank image is undefined. Remove them (a ZCA fitted on "
+            "too few images whitens every image to zeros)"
+        )

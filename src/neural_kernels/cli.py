@@ -35,8 +35,10 @@ from neural_kernels.settings import (
     TrainSettings,
     ZcaSettings,
     add_arguments,
+    changed_fields,
     from_arguments,
     positive_int,
+    refuse_unused,
 )
 
 Handler = Callable[[argparse.Namespace], object]
@@ -213,6 +215,9 @@ def _cmd_zca(args: argparse.Namespace) -> object:
     from neural_kernels.zca import whiten_files
 
     settings = from_arguments(ZcaSettings, args)
+    if args.transform is not None:  # a saved transform: only the working dtype applies
+        unused = changed_fields(settings, keep=("dtype",)) + ["fit_on"] * (args.fit_on != 1)
+        refuse_unused("zca --transform", unused, "a fit, without --transform")
     options = _pick(vars(args), "fit_on", "device", "block_rows")
     record = whiten_files(
         args.images, args.out_dir, settings, transform_path=args.transform, **options
@@ -285,6 +290,10 @@ def _add_kernel_parser(sub: Subparsers) -> None:
 def _method_settings(args: argparse.Namespace) -> AnalyticSettings | EstimateSettings:
     """The ``kernel`` command's settings of its ``--method``."""
     cls = AnalyticSettings if args.method == "analytic" else EstimateSettings
+    other = EstimateSettings if cls is AnalyticSettings else AnalyticSettings
+    unused = changed_fields(args, other, keep=("precision", "storage"))
+    users = "--method " + ("estimate" if other is EstimateSettings else "analytic")
+    refuse_unused(f"kernel --method {args.method}", unused, users)
     precision = args.precision or cls.__dataclass_fields__["precision"].default
     if cls is AnalyticSettings:
         return from_arguments(cls, args, precision=precision, storage="float64")
@@ -300,7 +309,7 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
     from neural_kernels.kernels.analytic import analytic_kernel
     from neural_kernels.kernels.estimate import estimate_kernel
     from neural_kernels.kernels.stage import ImageRows, check_finite_blocks, crop_maker
-    from neural_kernels.outputs import staged_directory
+    from neural_kernels.outputs import array_bytes, require_space, save_npy, staged_directory
 
     spec, settings = from_arguments(KernelSpec, args), _method_settings(args)
     images = ImageRows(args.images, flips=spec.flips, crop=crop_maker(spec, "train", args.images))
@@ -311,6 +320,9 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
         raise NeuralKernelsError(
             f"--images2 has images of shape {images2.shape[1:]}, --images {images.shape[1:]}"
         )
+    out = Path(args.out)
+    shape = (len(images2 if images2 is not None else images), len(images))
+    require_space(out.parent, {out.name: array_bytes(shape, np.float64)}, "kernel")
     device = resolve_device(args.device)
     started = time.perf_counter()
     if isinstance(settings, AnalyticSettings):
@@ -325,10 +337,9 @@ def _cmd_kernel(args: argparse.Namespace) -> object:
     else:
         kernel = estimate_kernel(spec.network(), images, images2, settings, device=device)
     seconds = time.perf_counter() - started
-    out = Path(args.out)
     check_finite_blocks({out.stem: kernel}, out.parent)
     with staged_directory(out.parent) as stage:
-        np.save(stage / out.name, kernel.astype(np.float64))
+        save_npy(stage / out.name, kernel.astype(np.float64))
     shape = list(kernel.shape)
     return {"out": str(out), "shape": shape, "seconds": seconds, "device": device_name(device)}
 
@@ -556,5 +567,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NeuralKernelsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a full, read-only or unwritable filesystem; else a bug
+        from neural_kernels.outputs import disk_error_message
+
+        message = disk_error_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        from neural_kernels.outputs import interrupted_message
+
+        print(f"error: {interrupted_message()}", file=sys.stderr)
+        return 130
     print(json.dumps(result, indent=2))
     return 0

@@ -19,3 +19,8 @@ class ChecksumError(DownloadError):
 
 class DataError(NeuralKernelsError):
     """An archive, ``.npz`` file or prepared dataset is malformed or inconsistent."""
+
+
+class SettingError(NeuralKernelsError, ValueError):
+    """An option or config value is malformed (a ``ValueError`` too, for callers that
+    parse values)."""

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from neural_kernels import __version__
 from neural_kernels.architectures import Layer, myrtle
 from neural_kernels.catalog import MYRTLE_STAGES
+from neural_kernels.checks import check_classes, check_labels
 from neural_kernels.data.prepared import REFIT_SPLITS, load_meta, load_split
 from neural_kernels.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device
 from neural_kernels.errors import DataError, NeuralKernelsError
@@ -289,6 +290,10 @@ def load_splits(data_dir: Path, device: torch.device) -> tuple[dict[str, Split],
             )
         if len(data.labels) == 0:
             raise DataError(f"{data_dir}: the {split} split is empty; networks need all three")
+        labels_file = f"{data_dir}/{split}_labels.npy"
+        check_labels(data.labels, labels_file, int(meta["num_classes"]))
+        if split == "train":
+            check_classes(data.labels, labels_file)
         raw[split] = data
         total += data.images.nbytes
     store = device if device.type == "cuda" and total <= DEVICE_DATA_BYTES else torch.device("cpu")

@@ -239,6 +239,30 @@ def from_arguments(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     return cls(**values, **given)
 
 
+def changed_fields(values: Any, cls: type | None = None, keep: Sequence[str] = ()) -> list[str]:
+    """The fields of the settings class ``cls`` (default: ``values``'s own), but
+    ``keep``, whose value in ``values`` (settings or parsed options) is not their
+    default: the options a user gave (a default given explicitly is indistinguishable,
+    and harmless)."""
+    return [
+        field.name
+        for field in dataclasses.fields(cls or values)
+        if field.name not in keep
+        and field.default is not dataclasses.MISSING
+        and getattr(values, field.name) != field.default
+    ]
+
+
+def refuse_unused(owner: str, names: Sequence[str], users: str) -> None:
+    """Raise for options given to ``owner`` that it does not use (``users`` do)."""
+    if names:
+        flags = ", ".join("--" + name.replace("_", "-") for name in names)
+        raise NeuralKernelsError(
+            f"{owner} does not use {flags} (used by {users}); drop "
+            f"{'it' if len(names) == 1 else 'them'}"
+        )
+
+
 def replace_none(settings: Any, **defaults: Any) -> Any:
     """``settings`` with each named field that is ``None`` set to its default."""
     missing = {k: v for k, v in defaults.items() if getattr(settings, k) is None}
@@ -522,6 +546,9 @@ class SolverSettings:
         from neural_kernels.solvers.registry import SOLVERS
 
         solver = SOLVERS.lookup(self.method)
+        unused = changed_fields(self, keep=("method", *solver.settings))
+        users = [name for name, other in SOLVERS.items() if set(unused) & set(other.settings)]
+        refuse_unused(f"solve --method {self.method}", unused, " and ".join(users))
         eta_t = sorted(float(v) for v in self.eta_t or solver.default_eta_t)
         lambdas = sorted((float(v) for v in self.lambdas or solver.default_lambdas), reverse=True)
         object.__setattr__(self, "eta_t", tuple(eta_t))
@@ -537,6 +564,15 @@ class SolverSettings:
             raise NeuralKernelsError(
                 "pcg needs 0 < tolerance < 1, rank >= 1 and max_iterations >= 1"
             )
+
+    @classmethod
+    def using(cls, method: str, **options: Any) -> SolverSettings:
+        """``method``'s settings from ``options``, keeping the ones it uses: for a plan
+        that sets every solver's options at once (the constructor refuses the others)."""
+        from neural_kernels.solvers.registry import SOLVERS
+
+        used = SOLVERS.lookup(method).settings
+        return cls(method, **{key: value for key, value in options.items() if key in used})
 
     def describe(self) -> dict:
         """The settings that matter for this method (what metrics.json records)."""

@@ -50,7 +50,13 @@ from neural_kernels.device import (
 )
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.layout import ZCA_META, ZCA_TRANSFORM
-from neural_kernels.outputs import staged_directory, write_json
+from neural_kernels.outputs import (
+    array_bytes,
+    open_memmap,
+    require_space,
+    staged_directory,
+    write_json,
+)
 from neural_kernels.settings import (
     ZCA_BLOCK_BYTES,
     ZCA_RESIDENT_BYTES,
@@ -121,6 +127,10 @@ class ZCATransform:
 def default_block_rows(n_features: int) -> int:
     """Rows per block so that one float32 block is about 256 MiB."""
     return max(1, ZCA_BLOCK_BYTES // (4 * n_features))
+
+
+#: Fewest images a ZCA fit takes: one image minus the mean is zero.
+MIN_FIT_IMAGES = 2
 
 
 def _check_images(images: NDArray, name: str) -> tuple[int, int, int]:
@@ -246,6 +256,12 @@ def _plan_fit(
     _check_choices(settings.variant, settings.solver)
     eps = _fit_eps(settings.variant, settings.eps)
     image_shape = _check_images(images, name)
+    if len(images) < MIN_FIT_IMAGES:
+        raise DataError(
+            f"{name}: ZCA cannot be fitted on {len(images)} image(s): it needs at least "
+            f"{MIN_FIT_IMAGES} (centred on their mean, a single image is all zeros and "
+            "would whiten every image to a blank one); fit on the training split"
+        )
     n = len(images) * (2 if settings.flips else 1)
     p = math.prod(image_shape)
     solver = settings.solver_for(p)
@@ -528,7 +544,7 @@ def _whiten_file(
 ) -> float:
     """Whiten ``images`` into the float32 ``.npy`` ``out_path``; returns the seconds taken."""
     started = time.perf_counter()
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=images.shape)
+    out = open_memmap(out_path, np.float32, images.shape)
     zca_apply(
         transform, images, out=out, device=device, dtype=dtype, block_rows=block_rows, name=name
     )
@@ -567,6 +583,8 @@ def whiten_files(
     work_dtype = resolve_dtype(settings.dtype)
     reset_peak_memory(run_device)
     arrays = _read_inputs(inputs, fit_on)
+    sizes = {p.name: array_bytes(a.shape, np.float32) for p, a in zip(inputs, arrays, strict=True)}
+    require_space(out_dir, sizes, "zca")
     fitted = [str(path) for path in inputs[:fit_on]]
     started = time.perf_counter()
     if transform_path is None:

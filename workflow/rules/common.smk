@@ -9,7 +9,7 @@ import os
 from snakemake.common.tbdstring import TBDString
 from snakemake.utils import validate
 
-from neural_kernels import layout, resources, sizing
+from neural_kernels import layout, plan, resources
 from neural_kernels.data.prepared import (
     REFIT_SPLITS,
     SPLITS,
@@ -70,37 +70,9 @@ def has_crops(kernel):
     return KERNELS[kernel]["crop"] is not None
 
 
-for _name, _cfg in DATASETS.items():
-    for _section, _defined in (("kernels", KERNELS), ("solvers", SOLVERS)):
-        for _item in _cfg[_section] + _cfg["subsets"][_section]:
-            if _item not in _defined:
-                raise ValueError(
-                    f"dataset {_name!r} lists {_section[:-1]} {_item!r}, which is not defined "
-                    f"under '{_section}' (defined: {', '.join(_defined) or 'none'}); "
-                    "define it or remove it"
-                )
-    for _kernel, _solvers in _cfg["kernel_solvers"].items():
-        if _kernel not in _cfg["kernels"]:
-            raise ValueError(
-                f"dataset {_name!r} sets kernel_solvers for {_kernel!r}, which is not in its "
-                f"kernels ({', '.join(_cfg['kernels']) or 'none'}); add it or remove the entry"
-            )
-        for _item in _solvers:
-            if _item not in SOLVERS:
-                raise ValueError(
-                    f"dataset {_name!r} lists solver {_item!r} for kernel {_kernel!r}, which "
-                    f"is not defined under 'solvers' (defined: {', '.join(SOLVERS) or 'none'})"
-                )
-    for _item in _cfg["networks"]:
-        if _item not in NETWORKS:
-            raise ValueError(
-                f"dataset {_name!r} lists network {_item!r}, which is not defined under "
-                f"'networks' (defined: {', '.join(NETWORKS) or 'none'}); define it or remove it"
-            )
-
-# A dense solver that no configured node or GPU can hold is refused now, not after hours
-# of kernels (resources.node_mem_mb / gpu_mem_mb at the sources' official sizes).
-sizing.check_solves_fit(config)
+# Every name a dataset lists is defined, every entry's settings hold together, and no
+# dense solve exceeds the configured memory: refused now, not after hours of kernels.
+plan.check_config(config)
 
 
 wildcard_constraints:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from neural_kernels.errors import ChecksumError, DownloadError
+from neural_kernels.errors import ChecksumError, DownloadError, SettingError
+from neural_kernels.outputs import DISK_ERRORS, require_space
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,17 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     algorithm = algorithm.strip().lower()
     digest = digest.strip().lower()
     if not sep or algorithm not in HASH_ALGORITHMS or not digest:
-        raise ValueError(
+        raise SettingError(
             f"checksum {checksum!r} is not of the form '<algorithm>:<hex digest>' with "
             f"algorithm one of {', '.join(HASH_ALGORITHMS)} (e.g. 'md5:c58f3010...')"
         )
     try:
         int(digest, 16)
     except ValueError:
-        raise ValueError(f"checksum {checksum!r}: the digest is not hexadecimal") from None
+        raise SettingError(f"checksum {checksum!r}: the digest is not hexadecimal") from None
     expected_len = hashlib.new(algorithm).digest_size * 2
     if len(digest) != expected_len:
-        raise ValueError(
+        raise SettingError(
             f"checksum {checksum!r}: an {algorithm} digest has {expected_len} hex digits, "
             f"this one has {len(digest)}"
         )
@@ -68,6 +69,8 @@ def _stream_to(response: http.client.HTTPResponse, part: Path, url: str) -> None
     """Copy a response body to ``part``; raise ``IncompleteRead`` on a short body."""
     length_header = response.headers.get("Content-Length")
     expected = int(length_header) if length_header is not None else None
+    if expected is not None:
+        require_space(part.parent, {part.name.removesuffix(".part"): expected}, "download")
     received = 0
     with (
         open(part, "wb") as out,
@@ -81,7 +84,10 @@ def _stream_to(response: http.client.HTTPResponse, part: Path, url: str) -> None
         ) as bar,
     ):
         while chunk := response.read(CHUNK_BYTES):
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as error:  # a full disk: no network problem, no retry
+                raise OSError(error.errno, error.strerror, str(part)) from None
             received += len(chunk)
             bar.update(len(chunk))
     if expected is not None and received != expected:
@@ -130,6 +136,8 @@ def _attempt(
     except http.client.IncompleteRead as error:
         return f"transfer cut short ({error.expected} bytes missing)"
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+        if getattr(error, "errno", None) in DISK_ERRORS:
+            raise  # the CLI words it (outputs.disk_error_message); retrying cannot help
         reason = getattr(error, "reason", error)
         return f"network error: {reason}"
 

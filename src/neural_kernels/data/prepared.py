@@ -29,12 +29,20 @@ import numpy as np
 from numpy.typing import NDArray
 
 from neural_kernels import __version__
+from neural_kernels.checks import check_classes
 from neural_kernels.data.download import verify_checksum
 from neural_kernels.data.readers import LabelledImages, RawDataset
 from neural_kernels.data.sources import SOURCES, Source, SourceFiles
 from neural_kernels.data.splits import balanced_subset, stratified_holdout
 from neural_kernels.errors import ChecksumError, DataError
-from neural_kernels.outputs import staged_directory, write_json
+from neural_kernels.outputs import (
+    array_bytes,
+    open_memmap,
+    require_space,
+    save_npy,
+    staged_directory,
+    write_json,
+)
 from neural_kernels.settings import PrepareSettings, replace_none, resolve
 
 log = logging.getLogger(__name__)
@@ -65,9 +73,7 @@ def subset_files() -> list[str]:
 
 def _write_rows(path: Path, source: NDArray, rows: NDArray[np.int64]) -> None:
     """Write ``source[rows]`` to a ``.npy`` in chunks (``source`` may be a memmap)."""
-    out = np.lib.format.open_memmap(
-        path, mode="w+", dtype=source.dtype, shape=(len(rows), *source.shape[1:])
-    )
+    out = open_memmap(path, source.dtype, (len(rows), *source.shape[1:]))
     for start in range(0, len(rows), COPY_CHUNK):
         out[start : start + COPY_CHUNK] = source[rows[start : start + COPY_CHUNK]]
     out.flush()
@@ -78,7 +84,7 @@ def _write_split(stage: Path, split: str, data: LabelledImages, rows: NDArray[np
     """Write ``data[rows]`` (in the order of ``rows``) as ``<split>_{images,labels}.npy``."""
     image_file, label_file = split_files(split)
     _write_rows(stage / image_file, data.images, rows)
-    np.save(stage / label_file, data.labels[rows])
+    save_npy(stage / label_file, data.labels[rows])
 
 
 def class_counts(labels: NDArray[np.integer], num_classes: int) -> list[int]:
@@ -176,7 +182,13 @@ def prepare_dataset(
         scratch = stage / "scratch"
         scratch.mkdir()
         raw = read_source(source, scratch, archive=archive, npz=npz, settings=settings)
+        _check_raw(raw, source)
         carved = carve_splits(raw, settings.val_fraction, settings.test_fraction, settings.seed)
+        sizes = {
+            split_files(split)[0]: array_bytes((len(rows), *data.images.shape[1:]), np.uint8)
+            for split, (data, rows) in carved.items()
+        }
+        require_space(out_dir, sizes, "prepare")
         inputs = {"archive": archive, "npz": npz, "checksum": checksum}
         meta = _prepared_meta(entry, raw, settings, inputs)
         for split, (data, rows) in carved.items():
@@ -189,6 +201,19 @@ def prepare_dataset(
         shutil.rmtree(scratch)
         write_json(stage / META, meta)
     return meta
+
+
+def _check_raw(raw: RawDataset, source: str) -> None:
+    """Every split of the source holds images, and its training images two classes or
+    more (:func:`~neural_kernels.checks.check_classes`)."""
+    for name, split in raw.splits.items():
+        if len(split.labels) == 0:
+            raise DataError(
+                f"source {source!r}: its {name} split holds no images; give a dataset "
+                "with images in every split"
+            )
+    pool = raw.splits.get("train", raw.splits.get("all"))
+    check_classes(pool.labels, f"source {source!r}, training labels")
 
 
 def _prepared_meta(entry: Source, raw: RawDataset, settings: PrepareSettings, inputs: dict) -> dict:
@@ -259,7 +284,7 @@ def write_subset(data_dir: Path | str, size: int, seed: int, out_dir: Path | str
     rows = balanced_subset(train.labels, size, seed)
     with staged_directory(out_dir, last=META) as stage:
         _write_split(stage, "train", train, rows)
-        np.save(stage / "train_indices.npy", rows)
+        save_npy(stage / "train_indices.npy", rows)
         meta = {
             "format": FORMAT,
             "parent": str(data_dir),

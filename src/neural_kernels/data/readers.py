@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from neural_kernels.errors import DataError
+from neural_kernels.outputs import open_memmap
 
 if TYPE_CHECKING:
     from neural_kernels.data.sources import SourceFiles
@@ -59,7 +60,7 @@ class RawDataset:
 
 def open_scratch_images(path: Path, n: int, shape: tuple[int, int, int]) -> np.memmap:
     """A writable memory-mapped ``(n, *shape)`` uint8 ``.npy`` to decode images into."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *shape))
+    return open_memmap(path, np.uint8, (n, *shape))
 
 
 def decode_rgb(data: bytes, name: str, size: int | None = None) -> NDArray[np.uint8]:

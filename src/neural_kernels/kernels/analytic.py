@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from neural_kernels.architectures import Serial
+from neural_kernels.checks import check_not_blank
 from neural_kernels.device import keep_freed_cpu_memory, resolve_device
 from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.settings import (
@@ -307,6 +308,9 @@ def analytic_kernel(
             f"images2 have shape {rows.shape[1:]} per image but images {images.shape[1:]}"
         )
     arch.check_image_size(*images.shape[1:3])
+    check_not_blank(images, str(getattr(images, "path", "images")))
+    if not symmetric:
+        check_not_blank(rows, str(getattr(rows, "path", "images2")))
     run_device = resolve_device(device)
     if run_device.type == "cpu":
         keep_freed_cpu_memory()  # the blocks' tensors are allocated and freed by the million

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
@@ -48,7 +47,19 @@ from neural_kernels.kernels.layout import (
     SHARD_META,
     merge_block_rows,
 )
-from neural_kernels.outputs import resume_dir, resume_key, staged_directory, write_json
+from neural_kernels.outputs import (
+    array_bytes,
+    move_file,
+    open_memmap,
+    read_json,
+    require_space,
+    resume_dir,
+    resume_key,
+    same_filesystem,
+    save_npy,
+    staged_directory,
+    write_json,
+)
 from neural_kernels.settings import (
     CROP_KEYS,
     DEFAULT_STORAGE,
@@ -123,6 +134,12 @@ class ImageRows:
         check_finite(self.base, str(path), NONFINITE_IMAGES, indices)
         self.path, self.indices, self.flips = path, indices, flips
         self.count = len(self.base) if indices is None else len(indices)
+        if self.count == 0:
+            raise DataError(
+                f"{path}: no images (shape {self.base.shape}"
+                f"{', no indices' if indices is not None else ''}); a kernel needs at least "
+                "one image: check the split or subset it was made from"
+            )
         self.crops = None if crop is None else crop(self.count, *self.base.shape[1:3])
         self.copies = 1 if self.crops is None else self.crops.copies
         self.unmirrored = self.count * self.copies
@@ -303,16 +320,24 @@ def _open_sums(
     stage: Path, rows: FittedRows, eval_rows: Mapping[str, ImageRows]
 ) -> tuple[NDArray, dict[str, NDArray]]:
     """Memory-mapped float64 ``train.npy`` and ``<eval>.npy`` (one column per fitted row)."""
-    out_train = np.lib.format.open_memmap(
-        stage / "train.npy", mode="w+", dtype=np.float64, shape=(len(rows), len(rows))
-    )
+    shapes = _block_shapes(rows, eval_rows)
+    out_train = open_memmap(stage / "train.npy", np.float64, shapes.pop("train"))
     out_evals = {
-        name: np.lib.format.open_memmap(
-            stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=(len(e), len(rows))
-        )
-        for name, e in eval_rows.items()
+        name: open_memmap(stage / f"{name}.npy", np.float64, shape)
+        for name, shape in shapes.items()
     }
     return out_train, out_evals
+
+
+def _block_shapes(rows: FittedRows, eval_rows: Mapping[str, ImageRows]) -> dict[str, tuple]:
+    """``train`` and ``<eval>``: the shape of each kernel block (one column per fitted row)."""
+    n = len(rows)
+    return {"train": (n, n), **{name: (len(e), n) for name, e in eval_rows.items()}}
+
+
+def _block_bytes(shapes: Mapping[str, tuple], dtype: object) -> dict[str, int]:
+    """``<name>.npy`` -> its bytes, for :func:`~neural_kernels.outputs.require_space`."""
+    return {f"{name}.npy": array_bytes(shape, dtype) for name, shape in shapes.items()}
 
 
 def estimate_shard(
@@ -334,6 +359,8 @@ def estimate_shard(
     net = spec.network()
     chunks = settings.shard_chunks(shard, shards)
     rows, eval_rows = _inputs(inputs, spec)
+    sizes = _block_bytes(_block_shapes(rows, eval_rows), np.float64)
+    require_space(Path(out_dir), sizes, f"kernel-shard {shard + 1}/{shards}")
     run_device = resolve_device(device, stage=f"kernel-shard {shard + 1}/{shards}")
     reset_peak_memory(run_device)
     started = time.perf_counter()
@@ -352,7 +379,7 @@ def estimate_shard(
         )
         check_finite_blocks({"train": out_train, **out_evals}, Path(out_dir))
         for name in eval_rows:
-            np.save(stage / f"{name}_sqnorm.npy", sums[f"{name}_sqnorm"])
+            save_npy(stage / f"{name}_sqnorm.npy", sums[f"{name}_sqnorm"])
         out_train.flush()
         for array in out_evals.values():
             array.flush()
@@ -377,11 +404,15 @@ def estimate_shard(
     return record
 
 
-def _read_meta(path: Path) -> dict:
+def _load_sums(path: Path) -> NDArray:
+    """A shard's memory-mapped sums, or a clear error for a missing or truncated file."""
     try:
-        return json.loads(path.read_text())
+        return np.load(path, mmap_mode="r")
     except (OSError, ValueError) as error:
-        raise DataError(f"cannot read {path} ({error}); rerun the step that writes it") from None
+        raise DataError(
+            f"cannot read {path} as a .npy array ({error}): the shard is damaged (a full "
+            "disk? a copy cut short?); delete it and rerun its kernel-shard job"
+        ) from None
 
 
 def _shard_settings(shard_dir: Path, meta: dict) -> EstimateSettings:
@@ -429,7 +460,7 @@ def _add_sums(
     outs = {}
     for name in names:
         shape = (n if name == "train" else inputs[name]["rows"], n)
-        parts = [np.load(Path(d) / f"{name}.npy", mmap_mode="r") for d in shard_dirs]
+        parts = [_load_sums(Path(d) / f"{name}.npy") for d in shard_dirs]
         for shard_dir, part in zip(shard_dirs, parts, strict=True):
             if part.shape != shape:
                 raise DataError(
@@ -437,9 +468,7 @@ def _add_sums(
                     f"{SHARD_META} gives {shape}; the shard is damaged or from another "
                     "run: delete it and rerun its kernel-shard job"
                 )
-        out = np.lib.format.open_memmap(
-            stage / f"{name}.npy", mode="w+", dtype=np.float64, shape=shape
-        )
+        out = open_memmap(stage / f"{name}.npy", np.float64, shape)
         for start in range(0, shape[0], block_rows):
             rows = slice(start, start + block_rows)
             out[rows] = sum(part[rows] for part in parts)
@@ -470,9 +499,7 @@ def _stored_as(outs: dict[str, NDArray], dtype: np.dtype, block_rows: int) -> di
     stored = {}
     for name, array in outs.items():
         path = Path(array.filename)
-        out = np.lib.format.open_memmap(
-            path.with_suffix(".part"), mode="w+", dtype=dtype, shape=array.shape
-        )
+        out = open_memmap(path.with_suffix(".part"), dtype, array.shape)
         for start in range(0, array.shape[0], block_rows):
             out[start : start + block_rows] = array[start : start + block_rows]
         out.flush()
@@ -518,7 +545,7 @@ def merge_shards(
     float32 files hold that kernel rounded once.
     """
     started = time.perf_counter()
-    metas = [_read_meta(Path(d) / SHARD_META) for d in shard_dirs]
+    metas = [read_json(Path(d) / SHARD_META) for d in shard_dirs]
     first = metas[0]
     _check_same_configuration(shard_dirs, metas)
     settings = _shard_settings(shard_dirs[0], first)
@@ -526,6 +553,12 @@ def merge_shards(
     _check_coverage(metas, settings)
     evals = [name for name in first["inputs"] if name not in ("train", "image_shape")]
     block_rows = merge_block_rows(first["inputs"]["train"]["rows"], block_bytes)
+    n = first["inputs"]["train"]["rows"]
+    shapes = {name: (first["inputs"][name]["rows"], n) for name in ["train", *evals]}
+    sizes = _block_bytes(shapes, np.float64)
+    if np.dtype(storage) != np.float64:  # the float64 sums and their rounded copy
+        sizes |= {f"{k} ({storage})": v for k, v in _block_bytes(shapes, storage).items()}
+    require_space(Path(out_dir), sizes, "kernel-merge")
     with staged_directory(Path(out_dir), last=KERNEL_META) as stage:
         outs = _add_sums(stage, shard_dirs, first["inputs"], ["train", *evals], block_rows)
         _project_sums(outs, shard_dirs, final, block_rows)
@@ -566,8 +599,8 @@ def _open_blocks(
     block_size = settings.block_size
     blocks = -(-n_rows // block_size) * -(-n_cols // block_size)
     if fresh or not path.exists() or not mask.exists():
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=settings.storage, shape=shape)
-        done = np.lib.format.open_memmap(mask, mode="w+", dtype=bool, shape=(blocks,))
+        out = open_memmap(path, settings.storage, shape)
+        done = open_memmap(mask, np.bool_, (blocks,))
     else:
         out = np.load(path, mmap_mode="r+")
         done = np.load(mask, mmap_mode="r+")
@@ -614,9 +647,26 @@ def _move_in(out_dir: Path, scratch: Path, names: list[str], record: dict) -> No
     """Move the finished kernels from ``scratch`` into ``out_dir``, kernel.json last."""
     with staged_directory(out_dir, last=KERNEL_META) as stage:
         for name in names:
-            os.replace(scratch / f"{name}.npy", stage / f"{name}.npy")
+            move_file(scratch / f"{name}.npy", stage / f"{name}.npy")
         write_json(stage / KERNEL_META, record)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _require_analytic_space(
+    out_dir: Path,
+    scratch: Path,
+    rows: FittedRows,
+    eval_rows: Mapping[str, ImageRows],
+    storage: str,
+) -> None:
+    """Refuse up front a kernel-analytic whose blocks do not fit: the resume directory's
+    files not yet there, and where it lies on another filesystem than ``out_dir`` (a
+    mount point), the whole kernel there too."""
+    sizes = _block_bytes(_block_shapes(rows, eval_rows), storage)
+    missing = {name: size for name, size in sizes.items() if not (scratch / name).exists()}
+    require_space(scratch, missing, "kernel-analytic")
+    if not same_filesystem(scratch, out_dir):
+        require_space(out_dir, sizes, "kernel-analytic")
 
 
 def _analytic_record_settings(settings: AnalyticSettings) -> dict:
@@ -657,6 +707,7 @@ def analytic_files(
         **_spec_record("analytic", spec, _analytic_record_settings(settings)),
         "inputs": _describe(rows, eval_rows),
     }
+    _require_analytic_space(out_dir, scratch, rows, eval_rows, settings.storage)
     scratch, fresh = resume_dir(out_dir, resume_key(record))
     if auto:
         (scratch / "auto_block_size").write_text(str(block_size))

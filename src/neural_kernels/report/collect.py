@@ -8,7 +8,6 @@ an experiment.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from neural_kernels.errors import NeuralKernelsError
+from neural_kernels import outputs
+from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.layout import (
     DATA_META,
     KERNEL_META,
@@ -67,15 +67,11 @@ class Results:
 
 def read_json(path: Path, required: Iterable[str] = ()) -> dict:
     """A JSON object from ``path``, with ``required`` keys, or a clear :class:`ReportError`."""
+    fix = "delete it and rerun the rule that writes it (snakemake reruns it when it is missing)"
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ReportError(
-            f"{path}: cannot read it as JSON ({error}); delete it and rerun the rule that "
-            "writes it (snakemake reruns it when the file is missing)"
-        ) from None
-    if not isinstance(record, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(record).__name__}")
+        record = outputs.read_json(path, fix)
+    except DataError as error:
+        raise ReportError(str(error)) from None
     missing = [key for key in required if key not in record]
     if missing:
         raise ReportError(

@@ -98,7 +98,7 @@ def boosting_path(
             for batch in batches:
                 index = torch.from_numpy(batch).to(device)
                 block = kernel_submatrix(kernel, batch, device, block_bytes)
-                eigenvalues, eigenvectors = kernel_eigh(block)
+                eigenvalues, eigenvectors = kernel_eigh(block, "a batch block of the kernel")
                 for eta_t, cols in zip(eta_ts, columns, strict=True):
                     residual = targets[index] - scores["train"][index, cols]
                     alpha[index, cols] = flow_alpha_from_eigh(

@@ -10,7 +10,7 @@ refit on train + val (:mod:`neural_kernels.solvers.stage`). Before any of that,
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +20,13 @@ import torch
 from numpy.typing import NDArray
 
 from neural_kernels import limits
-from neural_kernels.checks import check_finite, check_labels, check_symmetric
+from neural_kernels.checks import check_classes, check_finite, check_labels, check_symmetric
 from neural_kernels.data.prepared import REFIT_SPLITS
 from neural_kernels.device import device_name
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels.layout import KERNEL_META
-from neural_kernels.settings import SolverSettings
+from neural_kernels.outputs import read_json
+from neural_kernels.settings import KERNEL_METHODS, KernelSpec, SolverSettings
 from neural_kernels.solvers import memory
 from neural_kernels.solvers.flow import Matrix
 from neural_kernels.solvers.registry import SOLVERS
@@ -94,7 +95,38 @@ def _read_record(kernel_dir: Path) -> dict:
             f"{kernel_dir} is not a finished kernel directory (no {KERNEL_META}); "
             "compute the kernel first (snakemake kernels, or neural-kernels kernel-analytic)"
         )
-    return json.loads(meta_path.read_text())
+    record = read_json(meta_path, "recompute the kernel")
+    _check_record(record, meta_path)
+    return record
+
+
+def _check_record(record: dict, meta_path: Path) -> None:
+    """The fields of ``kernel.json`` that metrics.json copies hold allowed values: the
+    method; the kernel's fields, where present (:class:`~neural_kernels.settings.
+    KernelSpec`'s checks); an estimate's ``features``, where present (a positive count,
+    its networks x width where those are recorded). A hand-made kernel directory needs
+    only ``method`` and ``inputs.train.layout``."""
+    fix = "it was edited or written by another program: recompute the kernel"
+    method = record.get("method")
+    if method not in KERNEL_METHODS:
+        raise DataError(
+            f"{meta_path}: method {method!r} is not one of {', '.join(KERNEL_METHODS)}; {fix}"
+        )
+    spec = {f.name: record[f.name] for f in dataclasses.fields(KernelSpec) if f.name in record}
+    if "arch" in spec:
+        try:
+            KernelSpec(**spec)
+        except (NeuralKernelsError, TypeError) as error:
+            raise DataError(f"{meta_path}: {error}; {fix}") from None
+    if "features" in record:
+        settings = record.get("settings") or {}
+        features = record["features"]
+        expected = settings.get("networks", 0) * settings.get("width", 0) or features
+        if not isinstance(features, int) or not 1 <= features == expected:
+            raise DataError(
+                f"{meta_path}: features {features!r}, but a positive count of networks x "
+                f"width ({expected!r} from its settings) was expected; {fix}"
+            )
 
 
 def _read_labels(labels: Mapping[str, Path]) -> dict[str, NDArray]:
@@ -104,6 +136,7 @@ def _read_labels(labels: Mapping[str, Path]) -> dict[str, NDArray]:
         raise NeuralKernelsError(f"labels missing for split(s) {', '.join(missing)}")
     ys = {split: _load_npy(Path(labels[split])) for split in SPLITS}
     check_labels(ys["train"], str(labels["train"]))
+    check_classes(ys["train"], str(labels["train"]))
     num_classes = int(ys["train"].max(initial=0)) + 1
     for split in SPLITS[1:]:
         check_labels(ys[split], str(labels[split]), num_classes)
@@ -147,6 +180,13 @@ def _read_blocks(
     names = ["train", *evals]
     blocks = {name: _load_npy(kernel_dir / f"{name}.npy", mmap=True) for name in names}
     for name, block in blocks.items():
+        recorded = record["inputs"].get(name, {}).get("rows")  # an eval block's
+        if name != "train" and recorded is not None and block.shape[0] != recorded:
+            raise DataError(
+                f"{kernel_dir / (name + '.npy')} has {block.shape[0]} rows but kernel.json "
+                f"records {recorded}: the directory mixes files of different runs; recompute "
+                "the kernel"
+            )
         expected = (rows if name == "train" else len(ys[name]), rows)
         if block.shape != expected:
             raise DataError(
