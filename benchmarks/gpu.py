@@ -46,14 +46,9 @@ from neural_kernels.device import device_name, resolve_device
 from neural_kernels.kernels.analytic import analytic_kernel
 from neural_kernels.kernels.estimate import _passes, _row_tiles, estimate_sums
 from neural_kernels.layout import script_benchmark
-from neural_kernels.networks import (
-    Augmentation,
-    Normalizer,
-    Split,
-    _amp_dtype,
-    _new_state,
-    train_epoch,
-)
+from neural_kernels.networks import Augmentation, Normalizer, Split, train_epoch
+from neural_kernels.networks.stage import new_state
+from neural_kernels.networks.training import amp_dtype
 from neural_kernels.settings import EstimateSettings, TrainSettings, ZcaSettings
 from neural_kernels.solvers.boosting import boosting_path
 from neural_kernels.solvers.flow import kernel_eigh
@@ -223,12 +218,12 @@ def train_rate(model: str, side: int, width: int, device: torch.device, images: 
     """Training images per second of one epoch of the package's own SGD step (bf16
     autocast and channels_last on a GPU, as ``neural-kernels train`` runs it)."""
     settings = TrainSettings(model=model, width=width, epochs=1, batch_size=128)
-    amp, channels_last = _amp_dtype(device), device.type == "cuda"
+    amp, channels_last = amp_dtype(device), device.type == "cuda"
     data = {"num_classes": 10, "input_shape": [side, side, 3]}
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (images, side, side, 3), dtype=torch.uint8, generator=gen)
     split = Split(x.to(device), torch.randint(0, 10, (images,), generator=gen).to(device))
-    state = _new_state(settings, data, images, device, amp, channels_last)
+    state = new_state(settings, data, images, device, amp, channels_last)
     normalize = Normalizer([0.5] * 3, [0.25] * 3, device, channels_last)
 
     def epoch() -> None:

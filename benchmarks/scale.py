@@ -42,12 +42,12 @@ from gpu import matmul_rates
 from measure import MEMORY_CGROUP, can_make_cgroups, evict_page_cache, run_measured
 from tqdm import tqdm
 
+from neural_kernels.catalog import SOLVERS
 from neural_kernels.data.synthetic import test_images
 from neural_kernels.device import device_name, resolve_device
 from neural_kernels.layout import script_benchmark
 from neural_kernels.settings import SolverSettings
 from neural_kernels.sizing import EIGH_MATMUL_UNITS, load_config, planned_solves
-from neural_kernels.solvers.registry import SOLVERS
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_TO = (50_000, 100_000, 200_000)

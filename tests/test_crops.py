@@ -15,18 +15,15 @@ import torch
 from sklearn.datasets import load_digits
 from torchvision.transforms.v2 import functional as TF
 
+from neural_kernels.architectures import spec_network
 from neural_kernels.cli import main
 from neural_kernels.data.rows import centre_crops, random_crops
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.kernels.analytic import analytic_kernel
 from neural_kernels.kernels.estimate import estimate_kernel
-from neural_kernels.kernels.stage import (
-    ImageRows,
-    KernelInputs,
-    analytic_files,
-    estimate_shard,
-    merge_shards,
-)
+from neural_kernels.kernels.inputs import ImageRows, KernelInputs
+from neural_kernels.kernels.merge import merge_shards
+from neural_kernels.kernels.stage import analytic_files, estimate_shard
 from neural_kernels.settings import AnalyticSettings, EstimateSettings, KernelSpec
 from neural_kernels.solvers.flow import flow_path, one_hot_targets
 
@@ -98,7 +95,7 @@ def test_a_crop_augmented_kernel_equals_the_kernel_of_explicit_crops(splits, tmp
     # val is fitted (random crops); its centre crops are scored as well, unasked
     inputs = KernelInputs(root / "train.npy", {"test": root / "test.npy"}, val=root / "val.npy")
     fitted, val, test = explicit_inputs(splits)
-    net = SPEC.network()
+    net = spec_network(SPEC)
     if method == "analytic":
         record = analytic_files(
             inputs, tmp_path / "k", SPEC, AnalyticSettings(), device="cpu", progress=False

@@ -21,12 +21,17 @@ import torch
 from sklearn.datasets import load_digits
 from test_reference_kernels import _stages, reference_kernel
 
-from neural_kernels.catalog import MYRTLE_STAGES, register_architecture
+from neural_kernels.catalog import (
+    MYRTLE_STAGES,
+    SOLVERS,
+    Solver,
+    register_architecture,
+    register_solver,
+)
 from neural_kernels.cli import main
 from neural_kernels.data.readers import LabelledImages, RawDataset
 from neural_kernels.data.sources import SOURCES, Source, register_source
-from neural_kernels.settings import Registry
-from neural_kernels.solvers.registry import SOLVERS, Solver, register_solver
+from neural_kernels.registry import Registry
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from neural_kernels import architectures
+from neural_kernels import architectures, layout
 from neural_kernels.architectures import (
     Conv,
     GlobalAvgPool,
@@ -36,13 +36,9 @@ from neural_kernels.kernels.analytic import (
     computed_blocks,
 )
 from neural_kernels.kernels.estimate import EstimateSettings, estimate_kernel
-from neural_kernels.kernels.stage import (
-    ImageRows,
-    KernelInputs,
-    analytic_files,
-    estimate_shard,
-    merge_shards,
-)
+from neural_kernels.kernels.inputs import ImageRows, KernelInputs
+from neural_kernels.kernels.merge import merge_shards
+from neural_kernels.kernels.stage import analytic_files, estimate_shard
 from neural_kernels.settings import AnalyticSettings, KernelSpec
 from neural_kernels.solvers.flow import kernel_rows
 
@@ -222,7 +218,7 @@ def test_cpu_allocator_keeps_freed_memory_where_it_is_glibc():
 @pytest.mark.parametrize("numpy_asin", [True, False])
 def test_relu_map_on_the_cpu_matches_torch_asin(dtype, numpy_asin, monkeypatch):
     # Either arcsin (NumPy's where it is vectorised, torch's otherwise): the same map.
-    monkeypatch.setattr(architectures, "_NUMPY_ASIN", numpy_asin)
+    monkeypatch.setattr(architectures.layers, "_NUMPY_ASIN", numpy_asin)
     k = torch.linspace(-2.0, 2.0, 1001, dtype=dtype)
     sx, sy = torch.full_like(k, 1.5), torch.full_like(k, 0.8)
     r = (k / 1.2).clamp(-1, 1)
@@ -724,8 +720,8 @@ def test_gpu_matches_cpu(digits):
     )
 
 
-def test_stage_module_layout_constants():
-    assert stage.KERNEL_META == "kernel.json" and stage.SHARD_META == "shard.json"
+def test_kernel_directory_record_names():
+    assert layout.KERNEL_META == "kernel.json" and layout.SHARD_META == "shard.json"
 
 
 # ------------------------------------------------------------------ stage boundaries

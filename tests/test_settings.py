@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from conftest import REPO
+from neural_kernels import fields
 from neural_kernels import settings as nks
 from neural_kernels.architectures import ACTIVATIONS
-from neural_kernels.catalog import MYRTLE_STAGES
+from neural_kernels.catalog import MYRTLE_STAGES, SOLVERS
 from neural_kernels.cli import build_parser
 from neural_kernels.data.sources import SOURCES
 from neural_kernels.errors import NeuralKernelsError
-from neural_kernels.solvers.registry import SOLVERS
 
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 DEFS = SCHEMA["$defs"]
@@ -138,8 +138,9 @@ def test_the_workflow_options_parse_back_to_the_same_settings(cls):
         nks.ZcaSettings: {"variant": "shankar", "rank": None, "eps": 1e-5, "flips": True},
     }[cls]
     parser = argparse.ArgumentParser()
-    nks.add_arguments(parser, cls)
-    parsed = nks.from_arguments(cls, parser.parse_args(shlex.split(nks.command_line(cls, values))))
+    fields.add_arguments(parser, cls)
+    options = shlex.split(fields.command_line(cls, values))
+    parsed = fields.from_arguments(cls, parser.parse_args(options))
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     assert parsed == cls(**given)
 
@@ -162,7 +163,6 @@ def test_the_cli_and_the_workflow_helpers_build_without_torch():
         "import sys\n"
         "from neural_kernels import layout, settings, catalog\n"
         "from neural_kernels.data import sources\n"
-        "from neural_kernels.solvers import registry\n"
         "from neural_kernels.cli import build_parser\n"
         "build_parser().parse_args(['prepare', '--source', 'digits', '--out', 'x'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

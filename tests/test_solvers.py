@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics.pairwise import rbf_kernel
 
 from neural_kernels import limits
+from neural_kernels.catalog import SOLVERS
 from neural_kernels.cli import main
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.solvers import (
@@ -27,7 +28,6 @@ from neural_kernels.solvers import (
 )
 from neural_kernels.solvers import stage as stage_module
 from neural_kernels.solvers.flow import flow_filter, kernel_matmul, kernel_submatrix
-from neural_kernels.solvers.registry import SOLVERS
 from neural_kernels.solvers.stage import SolverSettings, solve_files
 
 

@@ -20,8 +20,9 @@ from test_profiles import dry_run_jobs
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels import resources
 from neural_kernels.data import load_meta
+from neural_kernels.fields import from_config
 from neural_kernels.seeds import derived_seed
-from neural_kernels.settings import KernelSpec, from_config
+from neural_kernels.settings import KernelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow

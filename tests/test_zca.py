@@ -196,7 +196,7 @@ def test_streaming_block_size_does_not_change_the_fit(solver, monkeypatch):
     images = (decaying_images(n=90) * 40 + 100).clip(0, 255).astype(np.uint8)
     whole = zca_fit(images, ZcaSettings(solver=solver, rank=8, dtype="float64"))
     # Stream from the input on every pass, as for data larger than ZCA_RESIDENT_BYTES.
-    monkeypatch.setattr("neural_kernels.zca.ZCA_RESIDENT_BYTES", 0)
+    monkeypatch.setattr("neural_kernels.zca.fit.ZCA_RESIDENT_BYTES", 0)
     small = zca_fit(images, ZcaSettings(solver=solver, rank=8, dtype="float64"), block_rows=7)
     np.testing.assert_allclose(projector(small), projector(whole), atol=1e-8)
     np.testing.assert_allclose(

@@ -17,9 +17,8 @@ from collections.abc import Iterable
 
 from neural_kernels.data.prepared import META as DATA_META
 from neural_kernels.data.prepared import SPLITS, split_files
-from neural_kernels.kernels.layout import KERNEL_META, eval_splits, kernel_files, shard_files
 
-__all__ = ["DATA_META", "KERNEL_META", "eval_splits", "kernel_files", "shard_files"]
+__all__ = ["DATA_META"]
 
 RESULTS = "results"
 RESOURCES = "resources"
@@ -35,6 +34,32 @@ NETWORK_MODEL = "model.pt"
 #: The files of a solve and of a trained network, the record (written last) last.
 SOLVE_FILES = (SOLVE_PREDICTIONS, SOLVE_METRICS)
 NETWORK_FILES = (NETWORK_MODEL, NETWORK_METRICS)
+#: The records of a kernel directory and of an estimate shard (written last). A *full*
+#: split's kernel fits the validation rows too (one symmetric ``train.npy`` over train
+#: + val, which the solve selects on and then refits on): its eval blocks are ``test``
+#: only, and ``val`` too for a kernel augmented by crops (its fitted val rows are random
+#: windows; the selection scores the centre windows). A *subset*'s kernel is not
+#: refit: ``val`` stays an eval block.
+KERNEL_META = "kernel.json"
+SHARD_META = "shard.json"
+
+
+def eval_splits(fits_val: bool, crops: bool = False) -> list[str]:
+    """The splits scored against the fitted rows (separate ``<split>.npy`` blocks)."""
+    return ["test"] if fits_val and not crops else ["val", "test"]
+
+
+def kernel_files(fits_val: bool, crops: bool = False) -> list[str]:
+    """Every file of a kernel directory, ``kernel.json`` last."""
+    blocks = (f"{split}.npy" for split in eval_splits(fits_val, crops))
+    return ["train.npy", *blocks, KERNEL_META]
+
+
+def shard_files(fits_val: bool, crops: bool = False) -> list[str]:
+    """Every file of an estimate shard directory (raw sums), ``shard.json`` last."""
+    splits = eval_splits(fits_val, crops)
+    blocks = [f"{split}{suffix}.npy" for split in splits for suffix in ("", "_sqnorm")]
+    return ["train.npy", *blocks, SHARD_META]
 
 
 def zca_files() -> list[str]:

@@ -12,7 +12,8 @@ the configured memory (:func:`neural_kernels.sizing.check_solves_fit`).
 from __future__ import annotations
 
 from neural_kernels.errors import NeuralKernelsError
-from neural_kernels.settings import EstimateSettings, SolverSettings, from_config
+from neural_kernels.fields import from_config
+from neural_kernels.settings import EstimateSettings, SolverSettings
 from neural_kernels.sizing import check_solves_fit
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from neural_kernels.catalog import SOLVERS
 from neural_kernels.errors import DataError
-from neural_kernels.kernels.layout import merge_block_rows
+from neural_kernels.kernels.merge import merge_block_rows
 from neural_kernels.settings import (
     ANALYTIC_CPU_BLOCK_BYTES,
     ZCA_BLOCK_BYTES,
@@ -34,7 +35,6 @@ from neural_kernels.settings import (
 )
 from neural_kernels.solvers import memory as solver_memory
 from neural_kernels.solvers.memory import SolveSizes
-from neural_kernels.solvers.registry import SOLVERS
 
 MIB = 1 << 20
 #: Python, NumPy, torch and their libraries: the digits jobs of the default run peak
@@ -160,8 +160,8 @@ def analytic_mem_mb(
 
 def merge_mem_mb(kernel_file_bytes: int, fitted_rows: int, shards: int) -> int:
     """Merging shards: the merged kernel (memory-mapped) and, in flight, one row block
-    of :data:`~neural_kernels.kernels.layout.MERGE_BLOCK_BYTES` from every shard, their
-    sum and its projection (:func:`~neural_kernels.kernels.stage.merge_shards`)."""
+    of :data:`~neural_kernels.kernels.merge.MERGE_BLOCK_BYTES` from every shard, their
+    sum and its projection (:func:`~neural_kernels.kernels.merge.merge_shards`)."""
     block_rows = merge_block_rows(fitted_rows)
     in_flight = (shards + 2) * block_rows * fitted_rows * 8
     return _mib(_mapped(kernel_file_bytes) + in_flight)

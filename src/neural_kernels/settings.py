@@ -1,9 +1,10 @@
 """Every stage's settings, each choice defined once: default, allowed values, help.
 
-A stage's settings are one frozen dataclass; each field is a :func:`setting` whose
-metadata carries its help text and, where the values are a closed set, its choices
-(a tuple, or a :class:`Registry`'s names). The command-line interface derives its
-options from these fields (:func:`add_arguments`, :func:`from_arguments`), and
+A stage's settings are one frozen dataclass; each field is a
+:func:`~neural_kernels.fields.setting` whose metadata carries its help text and, where
+the values are a closed set, its choices (a tuple, or a registry's names). The
+command-line interface derives its options from these fields
+(:mod:`neural_kernels.fields`), and
 ``tests/test_settings.py`` checks the workflow's schema
 (``workflow/schemas/config.schema.yaml``) against them, so none of them can drift.
 
@@ -15,258 +16,23 @@ it (6.5 s on a 2-core machine). The registries of things implemented with torch
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import math
-import shlex
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from neural_kernels.catalog import SOLVERS
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.fields import (
+    Checked,
+    changed_fields,
+    fraction,
+    positive_int,
+    refuse_unused,
+    setting,
+)
+from neural_kernels.registry import LazyChoices
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
-
-
-class Registry(dict):
-    """A table of named implementations (architectures, activations, solvers, sources).
-
-    Adding one is one entry (:meth:`register`); the CLI's choices, the schema check and
-    the report read the names from here.
-    """
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def register(self, name: str, value: Any) -> Any:
-        """Add ``value`` under ``name`` (an error if the name is taken); returns it."""
-        if name in self:
-            raise NeuralKernelsError(f"{self.kind} {name!r} is already registered")
-        self[name] = value
-        return value
-
-    def lookup(self, name: str) -> Any:
-        """The entry ``name``, or an error that lists the registered names."""
-        if name not in self:
-            raise NeuralKernelsError(f"unknown {self.kind} {name!r}; choose one of {names(self)}")
-        return self[name]
-
-
-def names(registry: Sequence[str] | dict) -> str:
-    """``'a, b, c'``: the names a registry (or tuple of choices) accepts."""
-    return ", ".join(registry)
-
-
-class LazyChoices:
-    """The names of a registry in a module imported on first use (``"module:NAME"``).
-
-    argparse only tests membership when the option is given and lists the names in
-    help, so building a parser does not import the module (nor torch).
-    """
-
-    def __init__(self, where: str, *, first: tuple[str, ...] = ()):
-        self.where, self.first = where, first
-
-    def _names(self) -> list[str]:
-        return [*self.first, *resolve(self.where)]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
-Choices = tuple[str, ...] | LazyChoices
-
-
-def resolve(target: Any) -> Any:
-    """``"package.module:NAME"`` -> that object (imported now); anything else as is.
-
-    Registries name implementations that import torch this way, so that reading a
-    registry's names stays cheap.
-    """
-    if not isinstance(target, str):
-        return target
-    module, _, attribute = target.partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def setting(
-    default: Any = dataclasses.MISSING,
-    help: str = "",
-    *,
-    choices: Choices | None = None,
-    parse: Callable[[str], Any] | None = None,
-    minimum: float | None = None,
-    many: bool = False,
-) -> Any:
-    """A settings field: its default, help text, allowed values and command-line parse.
-
-    ``minimum``: the smallest allowed value (checked by :func:`check`); ``many``: the
-    option takes one or more values (a tuple). A field without a default is required.
-    """
-    metadata = {"help": help, "choices": choices, "parse": parse, "minimum": minimum}
-    metadata["many"] = many
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def check(settings: object) -> None:
-    """Check every field against its choices and minimum; one clear error otherwise."""
-    kind = type(settings).__name__
-    for field in dataclasses.fields(settings):
-        value, meta = getattr(settings, field.name), field.metadata
-        values = value if meta.get("many") else (value,)
-        choices = meta.get("choices")
-        if choices is not None and value is not None and value not in choices:
-            raise NeuralKernelsError(
-                f"{kind}: unknown {field.name} {value!r}; choose one of {names(choices)}"
-            )
-        minimum = meta.get("minimum")
-        for item in values:
-            if minimum is None or item is None:
-                continue
-            if not (isinstance(item, int | float) and math.isfinite(item) and item >= minimum):
-                raise NeuralKernelsError(
-                    f"{kind}: {field.name} must be at least {minimum} (and finite), got {item!r}"
-                )
-
-
-class Checked:
-    """A settings class whose fields are checked (:func:`check`) when it is made."""
-
-    def __post_init__(self) -> None:
-        check(self)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is not strictly between 0 and 1")
-    return value
-
-
-def add_arguments(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    *,
-    skip: Sequence[str] = (),
-) -> None:
-    """Add one ``--option`` per field of the settings class ``cls`` (but ``skip``).
-
-    Booleans become flags; a field without a default is required; the option's default
-    is the field's, shown in its help.
-    """
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        meta, flag = field.metadata, "--" + field.name.replace("_", "-")
-        required = field.default is dataclasses.MISSING
-        default = None if required else field.default
-        hidden = required or default is None or default is False or default == ()
-        shown = "" if hidden else f" (default {default})"
-        help_text = meta.get("help", "") + shown
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=help_text)
-            continue
-        parse = meta.get("parse") or (type(default) if default not in (None, ()) else str)
-        choices, metavar = meta.get("choices"), None
-        if isinstance(choices, LazyChoices):
-            # argparse lists choices in the metavar when it builds the parser; a named
-            # metavar and %(choices)s (expanded when help is shown) keep that lazy
-            metavar, help_text = field.name.upper(), f"{help_text}: %(choices)s"
-        parser.add_argument(
-            flag,
-            type=parse,
-            default=default,
-            required=required,
-            choices=choices,
-            metavar=metavar,
-            nargs="+" if meta.get("many") else None,
-            help=help_text,
-        )
-
-
-def command_line(cls: type, values: dict) -> str:
-    """The options :func:`add_arguments` declares for ``cls``, for the ``values`` of
-    its fields that are given and not ``None`` (a config entry): how the workflow
-    passes a config's settings to the CLI."""
-    options = []
-    for field in dataclasses.fields(cls):
-        value = values.get(field.name)
-        flag = "--" + field.name.replace("_", "-")
-        if value is None or value is False or (field.metadata.get("many") and not value):
-            continue
-        if value is True:
-            options.append(flag)
-        elif field.metadata.get("many"):
-            options.append(f"{flag} {' '.join(shlex.quote(str(v)) for v in value)}")
-        else:
-            options.append(f"{flag} {shlex.quote(str(value))}")
-    return " ".join(options)
-
-
-def from_config(cls: type, values: dict) -> Any:
-    """An instance of ``cls`` from a config entry's values of its fields (other keys,
-    such as ``device``, are ignored; a missing or ``None`` field takes its default)."""
-    fields = dataclasses.fields(cls)
-    given = {f.name: values[f.name] for f in fields if values.get(f.name) is not None}
-    for field in fields:
-        if field.metadata.get("many") and field.name in given:
-            given[field.name] = tuple(given[field.name])
-    return cls(**given)
-
-
-def from_arguments(cls: type, args: argparse.Namespace, **given: Any) -> Any:
-    """An instance of ``cls`` from the parsed options (``given`` fields override)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}
-    for field in dataclasses.fields(cls):
-        if field.metadata.get("many") and values.get(field.name) is not None:
-            values[field.name] = tuple(values[field.name])
-    return cls(**values, **given)
-
-
-def changed_fields(values: Any, cls: type | None = None, keep: Sequence[str] = ()) -> list[str]:
-    """The fields of the settings class ``cls`` (default: ``values``'s own), but
-    ``keep``, whose value in ``values`` (settings or parsed options) is not their
-    default: the options a user gave (a default given explicitly is indistinguishable,
-    and harmless)."""
-    return [
-        field.name
-        for field in dataclasses.fields(cls or values)
-        if field.name not in keep
-        and field.default is not dataclasses.MISSING
-        and getattr(values, field.name) != field.default
-    ]
-
-
-def refuse_unused(owner: str, names: Sequence[str], users: str) -> None:
-    """Raise for options given to ``owner`` that it does not use (``users`` do)."""
-    if names:
-        flags = ", ".join("--" + name.replace("_", "-") for name in names)
-        raise NeuralKernelsError(
-            f"{owner} does not use {flags} (used by {users}); drop "
-            f"{'it' if len(names) == 1 else 'them'}"
-        )
-
-
-def replace_none(settings: Any, **defaults: Any) -> Any:
-    """``settings`` with each named field that is ``None`` set to its default."""
-    missing = {k: v for k, v in defaults.items() if getattr(settings, k) is None}
-    return dataclasses.replace(settings, **missing) if missing else settings
 
 
 # ------------------------------------------------------------------------------ data
@@ -425,12 +191,6 @@ class KernelSpec(Checked):
             raise NeuralKernelsError("copies and crop_seed concern crops: set crop too")
         super().__post_init__()
 
-    def network(self) -> Any:
-        """The :class:`~neural_kernels.architectures.Serial` network (imports torch)."""
-        from neural_kernels.architectures import myrtle
-
-        return myrtle(self.arch, self.activation, self.gamma)
-
 
 #: Bytes of one block's covariance tensor ``(B, B, H, W, H, W)`` that an automatic
 #: analytic block size aims at on a CPU (one block per worker thread) and on a GPU.
@@ -511,7 +271,7 @@ class EstimateSettings(Checked):
 
 # --------------------------------------------------------------------------- solvers
 
-SOLVER_NAMES = LazyChoices("neural_kernels.solvers.registry:SOLVERS")
+SOLVER_NAMES = LazyChoices("neural_kernels.catalog:SOLVERS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,7 +286,7 @@ class SolverSettings:
     :mod:`neural_kernels.solvers.stage`).
     """
 
-    method: str = setting(help="the solver (neural_kernels.solvers.registry)", choices=SOLVER_NAMES)
+    method: str = setting(help="the solver (neural_kernels.catalog)", choices=SOLVER_NAMES)
     eta_t: tuple[float, ...] = setting(
         (), "flow/boosting: eta t grid (default: the solver's)", parse=float, many=True
     )
@@ -543,8 +303,6 @@ class SolverSettings:
     )
 
     def __post_init__(self) -> None:
-        from neural_kernels.solvers.registry import SOLVERS
-
         solver = SOLVERS.lookup(self.method)
         unused = changed_fields(self, keep=("method", *solver.settings))
         users = [name for name, other in SOLVERS.items() if set(unused) & set(other.settings)]
@@ -569,15 +327,11 @@ class SolverSettings:
     def using(cls, method: str, **options: Any) -> SolverSettings:
         """``method``'s settings from ``options``, keeping the ones it uses: for a plan
         that sets every solver's options at once (the constructor refuses the others)."""
-        from neural_kernels.solvers.registry import SOLVERS
-
         used = SOLVERS.lookup(method).settings
         return cls(method, **{key: value for key, value in options.items() if key in used})
 
     def describe(self) -> dict:
         """The settings that matter for this method (what metrics.json records)."""
-        from neural_kernels.solvers.registry import SOLVERS
-
         keys = ("method", *SOLVERS[self.method].settings)
         return {key: getattr(self, key) for key in keys}
 

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from neural_kernels.catalog import SOLVERS
 from neural_kernels.data.sources import ARCHIVES, SOURCES
 from neural_kernels.data.synthetic import test_images
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.fields import from_config
 from neural_kernels.resources import MIB, SolveSizes, machine_has_gpus, solve_mem_mb
-from neural_kernels.settings import DEFAULT_STORAGE, KernelSpec, SolverSettings, from_config
+from neural_kernels.settings import DEFAULT_STORAGE, KernelSpec, SolverSettings
 from neural_kernels.solvers import memory
-from neural_kernels.solvers.registry import SOLVERS
 
 #: Assumed rates: a CPU node's float64 matmul (32 cores), a GPU's float64 matmul (an
 #: H100's tensor cores sustain about 50 of their 67 TFLOP/s), and the rate at which a

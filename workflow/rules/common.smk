@@ -31,6 +31,7 @@ from neural_kernels.layout import (
 )
 from neural_kernels.seeds import derived_seed
 from neural_kernels.solvers.memory import solve_sizes
+from neural_kernels.fields import command_line, from_config
 from neural_kernels.settings import (
     DEFAULT_STORAGE,
     EstimateSettings,
@@ -39,8 +40,6 @@ from neural_kernels.settings import (
     SolverSettings,
     TrainSettings,
     ZcaSettings,
-    command_line,
-    from_config,
 )
 
 validate(config, "../schemas/config.schema.yaml")

@@ -35,6 +35,7 @@ from neural_kernels.data.readers import LabelledImages, RawDataset
 from neural_kernels.data.sources import SOURCES, Source, SourceFiles
 from neural_kernels.data.splits import balanced_subset, stratified_holdout
 from neural_kernels.errors import ChecksumError, DataError
+from neural_kernels.fields import replace_none
 from neural_kernels.outputs import (
     array_bytes,
     open_memmap,
@@ -43,7 +44,8 @@ from neural_kernels.outputs import (
     staged_directory,
     write_json,
 )
-from neural_kernels.settings import PrepareSettings, replace_none, resolve
+from neural_kernels.registry import resolve
+from neural_kernels.settings import PrepareSettings
 
 log = logging.getLogger(__name__)
 

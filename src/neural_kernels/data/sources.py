@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from neural_kernels.settings import PrepareSettings, Registry
+from neural_kernels.registry import Registry
+from neural_kernels.settings import PrepareSettings
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,8 @@ def auto_block_size(
     return max(1, math.isqrt(entries // (height * width) ** 2))
 
 
-def _as_images(images: NDArray, name: str) -> NDArray:
+def _as_images(images: NDArray, name: str, arch: Serial) -> NDArray:
+    """``images``, checked: float ``(N, H, W, C)`` of a size ``arch`` takes, none blank."""
     if images.ndim != 4:
         raise NeuralKernelsError(
             f"{name}: expected images of shape (N, H, W, C), got {images.shape}"
@@ -70,6 +71,8 @@ def _as_images(images: NDArray, name: str) -> NDArray:
         raise NeuralKernelsError(
             f"{name}: expected float images, got {images.dtype}; whiten or scale them first"
         )
+    arch.check_image_size(*images.shape[1:3])
+    check_not_blank(images, str(getattr(images, "path", name)))
     return images
 
 
@@ -300,17 +303,13 @@ def analytic_kernel(
     ``ceil(M / block_size) x ceil(N / block_size)``) marks finished blocks: they are
     skipped, and each finished block is marked, so an interrupted call resumes.
     """
-    images = _as_images(images, "images")
+    images = _as_images(images, "images", arch)
     symmetric = images2 is None
-    rows = images if symmetric else _as_images(images2, "images2")
+    rows = images if symmetric else _as_images(images2, "images2", arch)
     if rows.shape[1:] != images.shape[1:]:
         raise NeuralKernelsError(
             f"images2 have shape {rows.shape[1:]} per image but images {images.shape[1:]}"
         )
-    arch.check_image_size(*images.shape[1:3])
-    check_not_blank(images, str(getattr(images, "path", "images")))
-    if not symmetric:
-        check_not_blank(rows, str(getattr(rows, "path", "images2")))
     run_device = resolve_device(device)
     if run_device.type == "cpu":
         keep_freed_cpu_memory()  # the blocks' tensors are allocated and freed by the million

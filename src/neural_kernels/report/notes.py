@@ -13,13 +13,10 @@ and the cells whose thesis value is Shankar et al.'s test-selected number.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from neural_kernels.catalog import MYRTLE_STAGES, RECONSTRUCTED
 from neural_kernels.report.collect import Results
-
-if TYPE_CHECKING:  # pragma: no cover
-    from neural_kernels.report.tables import Entry, Table
+from neural_kernels.report.model import Entry, Table
 
 SOLVERS = {
     "flow": "gradient flow, eta t chosen on val",

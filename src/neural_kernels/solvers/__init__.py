@@ -1,6 +1,6 @@
 """Kernel regression solvers: gradient flow, kernel ridge, batched boosting; the solve stage.
 
-The solvers by name are :data:`neural_kernels.solvers.registry.SOLVERS` (torch-free).
+The solvers by name are :data:`neural_kernels.catalog.SOLVERS` (torch-free).
 The functions below are imported on first use, so that reading the registry does not
 import torch.
 """

@@ -41,7 +41,7 @@ from neural_kernels.solvers.memory import SOLVE_BLOCK_BYTES
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings
-    from neural_kernels.solvers.stage import Fit
+    from neural_kernels.solvers.problem import Fit
 
 Tensor = torch.Tensor
 

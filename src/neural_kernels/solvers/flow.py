@@ -32,14 +32,13 @@ from numpy.typing import NDArray
 
 from neural_kernels.errors import DataError, NeuralKernelsError
 from neural_kernels.solvers.memory import FLOAT64_BYTES, SOLVE_BLOCK_BYTES
+from neural_kernels.solvers.problem import Matrix
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings
-    from neural_kernels.solvers.stage import Fit
+    from neural_kernels.solvers.problem import Fit
 
 Tensor = torch.Tensor
-#: A kernel block: a tensor, or a (memory-mapped) float64 array read in row blocks.
-Matrix = NDArray | Tensor
 
 #: Below this ``eta t * l`` the flow factor uses its Taylor limit ``eta t (1 - x / 2)``.
 _TAYLOR = 1e-8
@@ -261,7 +260,7 @@ def ridge_path(
 
 #: What a solver's candidate generator yields: hyperparameters and, for each of
 #: ``"train"`` and the fit's eval splits, the ``(rows, classes)`` scores, or an error
-#: message for a grid point that failed (see :mod:`neural_kernels.solvers.registry`).
+#: message for a grid point that failed (see :mod:`neural_kernels.catalog`).
 Candidates = Iterator[tuple[dict, dict[str, Tensor] | str]]
 
 

@@ -41,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 from neural_kernels.errors import NeuralKernelsError
-from neural_kernels.solvers.flow import Candidates, Matrix, kernel_matmul
+from neural_kernels.solvers.flow import Candidates, kernel_matmul
 from neural_kernels.solvers.memory import SOLVE_BLOCK_BYTES
+from neural_kernels.solvers.problem import Matrix
 
 if TYPE_CHECKING:
     from neural_kernels.settings import SolverSettings

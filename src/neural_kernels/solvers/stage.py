@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from neural_kernels.catalog import SOLVERS
 from neural_kernels.checks import check_finite
 from neural_kernels.device import (
     device_name,
@@ -52,10 +53,11 @@ from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.layout import SOLVE_METRICS as METRICS
 from neural_kernels.layout import SOLVE_PREDICTIONS as PREDICTIONS
 from neural_kernels.outputs import staged_directory, write_json
-from neural_kernels.settings import CROP_KEYS, SolverSettings, resolve
+from neural_kernels.registry import resolve
+from neural_kernels.settings import CROP_KEYS, SolverSettings
 from neural_kernels.solvers.flow import one_hot_targets
-from neural_kernels.solvers.problem import Fit, Problem, check_memory, load_problem
-from neural_kernels.solvers.registry import SOLVERS
+from neural_kernels.solvers.kernel_dir import check_memory, load_problem
+from neural_kernels.solvers.problem import Fit, Problem
 
 __all__ = ["Fit", "Problem", "SolverSettings", "load_problem", "solve_files"]
 
