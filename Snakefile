@@ -32,35 +32,35 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        data_targets(),
-        zca_targets(),
-        kernel_targets(),
-        solve_targets(),
-        network_targets(),
+        PLAN.data_targets(),
+        PLAN.zca_targets(),
+        PLAN.kernel_targets(),
+        PLAN.solve_targets(),
+        PLAN.network_targets(),
         "report/report.html",
         "report/report.md",
 
 
 rule data:
     input:
-        data_targets(),
+        PLAN.data_targets(),
 
 
 rule zca:
     input:
-        zca_targets(),
+        PLAN.zca_targets(),
 
 
 rule kernels:
     input:
-        kernel_targets(),
+        PLAN.kernel_targets(),
 
 
 rule solvers:
     input:
-        solve_targets(),
+        PLAN.solve_targets(),
 
 
 rule networks:
     input:
-        network_targets(),
+        PLAN.network_targets(),

@@ -27,6 +27,7 @@ from conftest import copy_workflow
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels.data.sources import ARCHIVES
 from neural_kernels.device import resolve_device
+from neural_kernels.plan import Plan
 from neural_kernels.report.tables import cell_solvers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,12 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.
         [sys.executable, "-m", "snakemake", *args],
         cwd=workdir, env=clean, capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
+
+
+def plan_of(config: dict) -> Plan:
+    """The experiment plan of ``config``, validated (defaults filled) as common.smk does."""
+    validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
+    return Plan(config)
 
 
 def dry_run_jobs(stdout: str) -> list[dict]:
@@ -364,39 +371,39 @@ def test_slurm_profile_settings_are_validated_by_the_plugin(workdir, setting, me
     assert message in result.stdout + result.stderr
 
 
+def gpu_capable_jobs(plan: Plan) -> list[SimpleNamespace]:
+    """The wildcards of one job of each GPU-capable kind per configured name: ZCA per
+    dataset, a kernel, a solver, a network."""
+    dataset = next(iter(plan.datasets))
+    jobs = [SimpleNamespace(dataset=name) for name in plan.datasets]
+    jobs += [SimpleNamespace(dataset=dataset, kernel=kernel) for kernel in plan.kernels]
+    jobs += [SimpleNamespace(dataset=dataset, solver=solver) for solver in plan.solvers]
+    return jobs + [SimpleNamespace(dataset=dataset, network=n) for n in plan.networks]
+
+
 @pytest.mark.workflow
 def test_no_job_asks_for_a_gpu_where_the_config_says_there_are_none(workdir):
     """'gpus: false' (--config gpus=False for the thesis config on a CPU-only cluster;
     'auto', the default, on this machine without an NVIDIA GPU): device auto asks for
-    no GPU and the CPU's cores; 'gpus: true' for a GPU and the GPU job's cores."""
-    runs = {
-        "default": snakemake(workdir, "-n", "--profile", SLURM),
-        "thesis": snakemake(
-            workdir, "-n", "--cores", "64", "--configfile", "config/thesis.yaml",
-            "--profile", SLURM, "--config", "gpus=False",
-        ),
-    }  # fmt: skip
-    for name, result in runs.items():
-        assert result.returncode == 0, (name, result.stderr)
-        jobs = [job for job in dry_run_jobs(result.stdout) if job["rule"] in GPU_RULES]
-        assert jobs and {job["resources"]["gpu"] for job in jobs} == {"0"}, name
-        threads = {job["threads"] for job in jobs}
-        assert threads == ({1} if name == "default" else {32}), (name, threads)
-    result = snakemake(workdir, "-n", "--profile", SLURM, "--config", "gpus=True")
+    no GPU and the CPU's cores; 'gpus: true' for a GPU and the GPU job's cores. The
+    plan decides (neural_kernels.plan.jobs); one dry run shows the rules ask it."""
+    result = snakemake(workdir, "-n", "--profile", SLURM)
     assert result.returncode == 0, result.stderr
     jobs = [job for job in dry_run_jobs(result.stdout) if job["rule"] in GPU_RULES]
-    assert {job["resources"]["gpu"] for job in jobs} == {"1"}
+    assert jobs and {job["resources"]["gpu"] for job in jobs} == {"0"}
+    assert {job["threads"] for job in jobs} == {1}
+    thesis = yaml.safe_load((workdir / "config/thesis.yaml").read_text())
+    for gpus, asked, threads in ((False, {0}, {32}), (True, {1}, {8})):
+        plan = plan_of({**copy.deepcopy(thesis), "gpus": gpus})
+        jobs = gpu_capable_jobs(plan)
+        auto = [job for job in jobs if plan.job_device(job) == "auto"]
+        assert auto and {plan.job_gpus(job) for job in auto} == asked, gpus
+        assert {plan.job_threads(job) for job in auto} == threads, gpus
     # device cuda asks for one all the same
     config = yaml.safe_load((workdir / "config/config.yaml").read_text())
     config["kernels"]["myrtle7_analytic"]["device"] = "cuda"
-    (workdir / "cuda.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, "-n", "--configfile", "cuda.yaml", "--profile", SLURM)
-    assert result.returncode == 0, result.stderr
-    asking = {
-        job["wildcards"].get("kernel")
-        for job in dry_run_jobs(result.stdout)
-        if job["resources"].get("gpu") == "1"
-    }
+    plan = plan_of({**config, "gpus": False})
+    asking = {getattr(job, "kernel", None) for job in gpu_capable_jobs(plan) if plan.job_gpus(job)}
     assert asking == {"myrtle7_analytic"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from html import unescape
@@ -220,6 +221,10 @@ def test_table_notes_say_what_ours_ran_from_the_metadata(results, tmp_path):
     assert "Shankar et al.'s (per-image centring and unit norm" in t1
     assert "fitted on train + val and their mirrors" in t1
     assert "ridge: kernel ridge regression, lambda chosen on val" in t1
+    # one line per run: the kernel once, with every solver that ran on it
+    line = re.search(r"m10g \(([a-z, ]+)\): the Myrtle10 \(gaussian\) kernel", t1)
+    solvers = set(line.group(1).split(", "))
+    assert t1.count("m10g (") == 1 and solvers == {"boosting", "ridge"}
     ridge = cells[("T1", "Myrtle10 Gaussian", "Kernel ridge")]
     assert ridge["ours"] == ["88.1"]  # validation-selected, the headline
     assert ridge["test-selected"] == ["test-selected, as the reference did: 88.6"]

@@ -161,10 +161,12 @@ def test_the_cli_and_the_workflow_helpers_build_without_torch():
     # and reading the settings, registries and layout (as common.smk does) stay light.
     code = (
         "import sys\n"
-        "from neural_kernels import layout, settings, catalog\n"
-        "from neural_kernels.data import sources\n"
         "from neural_kernels.cli import build_parser\n"
         "build_parser().parse_args(['prepare', '--source', 'digits', '--out', 'x'])\n"
+        "heavy = sorted({'numpy', 'torch'} & set(sys.modules))\n"
+        "assert not heavy, f'the command line imported {heavy}'\n"
+        "from neural_kernels import layout, settings, catalog\n"
+        "from neural_kernels.data import sources\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     import subprocess

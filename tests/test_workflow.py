@@ -15,12 +15,13 @@ import pytest
 import yaml
 from snakemake.utils import validate
 from snakemake_interface_common.exceptions import WorkflowError
-from test_profiles import dry_run_jobs
 
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels import resources
 from neural_kernels.data import load_meta
+from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.fields import from_config
+from neural_kernels.plan import Plan
 from neural_kernels.seeds import derived_seed
 from neural_kernels.settings import KernelSpec
 
@@ -147,7 +148,14 @@ def test_bad_config_stops_the_workflow_before_any_output(workdir):
     assert not (workdir / "results").exists()
 
 
+def plan_of(config: dict) -> Plan:
+    """The experiment plan of ``config``, validated (defaults filled) as common.smk does."""
+    validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
+    return Plan(config)
+
+
 def test_unknown_kernel_name_is_a_clear_error(workdir):
+    """The workflow stops on it before building jobs (a dry run); the plan says why."""
     config = {"datasets": {"d": {"source": "digits", "kernels": ["nope"]}}}
     result = snakemake(workdir, "-n", "--configfile", str(write_config(workdir / "c.yaml", config)))
     assert result.returncode != 0
@@ -155,23 +163,15 @@ def test_unknown_kernel_name_is_a_clear_error(workdir):
         "lists kernel 'nope', which is not defined under 'kernels'" in result.stdout + result.stderr
     )
     config = {"datasets": {"d": {"source": "digits", "subsets": {"solvers": ["nope"]}}}}
-    result = snakemake(workdir, "-n", "--configfile", str(write_config(workdir / "c.yaml", config)))
-    assert result.returncode != 0
-    assert (
-        "lists solver 'nope', which is not defined under 'solvers'" in result.stdout + result.stderr
-    )
+    with pytest.raises(NeuralKernelsError, match="lists solver 'nope', which is not defined"):
+        plan_of(config)
 
 
-def test_kernel_solvers_override_the_full_splits_solvers(workdir):
+def test_kernel_solvers_override_the_full_splits_solvers():
     # T1's kernels run boosting and ridge beside flow; the other kernels flow only
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    result = snakemake(workdir, "-n", "--forceall")
-    assert result.returncode == 0, result.stderr
-    solves = {
-        (job["wildcards"]["view"], job["wildcards"]["kernel"], job["wildcards"]["solver"])
-        for job in dry_run_jobs(result.stdout)
-        if job["rule"] == "solve"
-    }
+    plan = plan_of(config)
+    solves = {tuple(target.split("/")[3:6]) for target in plan.solve_targets()}
     digits = config["datasets"]["digits"]
     expected = {
         ("full", kernel, solver)
@@ -194,9 +194,8 @@ def test_kernel_solvers_override_the_full_splits_solvers(workdir):
             "datasets": {"d": {"source": "digits", "kernels": ["k"], "kernel_solvers": entry}},
             "kernels": {"k": {"arch": "myrtle5", "method": "analytic"}},
         }
-        path = write_config(workdir / "c.yaml", bad)
-        result = snakemake(workdir, "-n", "--configfile", str(path))
-        assert result.returncode != 0 and message in result.stdout + result.stderr
+        with pytest.raises(NeuralKernelsError, match=message):
+            plan_of(bad)
 
 
 def test_default_run_prepares_and_whitens_digits(workdir):

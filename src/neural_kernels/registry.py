@@ -10,7 +10,7 @@ the settings' checks without importing its module until they are asked for.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from neural_kernels.errors import NeuralKernelsError
@@ -79,3 +79,16 @@ def resolve(target: Any) -> Any:
         return target
     module, _, attribute = target.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def lazy_attributes(module: str, exports: dict[str, tuple[str, ...]]) -> Callable[[str], Any]:
+    """A package's module ``__getattr__`` that imports the names of ``exports`` (module ->
+    the names it defines) on first use, so that importing the package stays light."""
+    where = {name: source for source, names in exports.items() for name in names}
+
+    def attribute(name: str) -> Any:
+        if name not in where:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(where[name]), name)
+
+    return attribute

@@ -20,8 +20,8 @@ rule download_archive:
         mem_mb=1024,
         runtime=240,
     params:
-        url=dataset_url,
-        checksum=dataset_checksum,
+        url=PLAN.dataset_url,
+        checksum=PLAN.dataset_checksum,
         retries=config["download"]["retries"],
         timeout=config["download"]["timeout"],
     shell:
@@ -32,7 +32,7 @@ rule download_archive:
 
 rule prepare_dataset:
     input:
-        unpack(prepare_inputs),
+        unpack(PLAN.prepare_inputs),
     output:
         files(layout.data_dir(), prepared_files()),
     log:
@@ -43,10 +43,10 @@ rule prepare_dataset:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=job_mem_mb("prepare_dataset", prepare_estimate),
-        runtime=job_runtime("prepare_dataset"),
+        mem_mb=PLAN.job_mem_mb("prepare_dataset", PLAN.prepare_estimate),
+        runtime=PLAN.job_runtime("prepare_dataset"),
     params:
-        args=prepare_args,
+        args=PLAN.prepare_args,
         out=output_dir,
     shell:
         "python -m neural_kernels prepare {params.args} --out {params.out:q} > {log:q} 2>&1"
@@ -65,8 +65,8 @@ rule subset:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=job_mem_mb("subset", small_job),
-        runtime=job_runtime("subset"),
+        mem_mb=PLAN.job_mem_mb("subset", PLAN.small_job),
+        runtime=PLAN.job_runtime("subset"),
     params:
         data=input_dir,
         out=output_dir,

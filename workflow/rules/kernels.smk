@@ -10,7 +10,7 @@
 
 rule kernel_estimate_shard:
     input:
-        unpack(kernel_inputs),
+        unpack(PLAN.kernel_inputs),
     output:
         temp(files(layout.shard_dir(), shard_files(fits_val=True))),
     log:
@@ -19,16 +19,16 @@ rule kernel_estimate_shard:
         benchmark_file("kernel_estimate_shard", "{dataset}/{view}/{kernel}/{shard}")
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("estimate", crops=False),
+        kernel=PLAN.kernels_of("estimate", crops=False),
     conda:
         CONDA_ENV
-    threads: job_threads
+    threads: PLAN.job_threads
     resources:
-        mem_mb=job_mem_mb("kernel_estimate_shard", estimate_shard_estimate),
-        runtime=job_runtime("kernel_estimate_shard"),
-        gpu=job_gpus,
+        mem_mb=PLAN.job_mem_mb("kernel_estimate_shard", PLAN.estimate_shard_estimate),
+        runtime=PLAN.job_runtime("kernel_estimate_shard"),
+        gpu=PLAN.job_gpus,
     params:
-        args=estimate_args,
+        args=PLAN.estimate_args,
         out=output_dir,
     shell:
         "python -m neural_kernels kernel-shard {params.args} --out-dir {params.out:q}"
@@ -40,12 +40,12 @@ use rule kernel_estimate_shard as kernel_estimate_shard_subset with:
         temp(files(layout.shard_dir(), shard_files(fits_val=False))),
     wildcard_constraints:
         view=SUBSET_VIEW,
-        kernel=methods("estimate"),
+        kernel=PLAN.kernels_of("estimate"),
 
 
 rule kernel_merge:
     input:
-        kernel_shard_files,
+        PLAN.kernel_shard_files,
     output:
         files(layout.kernel_dir(), kernel_files(fits_val=True)),
     log:
@@ -54,16 +54,16 @@ rule kernel_merge:
         benchmark_file("kernel_merge", "{dataset}/{view}/{kernel}")
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("estimate", crops=False),
+        kernel=PLAN.kernels_of("estimate", crops=False),
     conda:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=job_mem_mb("kernel_merge", merge_estimate),
-        runtime=job_runtime("kernel_merge"),
+        mem_mb=PLAN.job_mem_mb("kernel_merge", PLAN.merge_estimate),
+        runtime=PLAN.job_runtime("kernel_merge"),
     params:
-        shards=kernel_shard_dirs,
-        dtype=storage_arg,
+        shards=PLAN.kernel_shard_dirs,
+        dtype=PLAN.storage_arg,
         out=output_dir,
     shell:
         "python -m neural_kernels kernel-merge {params.shards}{params.dtype}"
@@ -75,12 +75,12 @@ use rule kernel_merge as kernel_merge_subset with:
         files(layout.kernel_dir(), kernel_files(fits_val=False)),
     wildcard_constraints:
         view=SUBSET_VIEW,
-        kernel=methods("estimate"),
+        kernel=PLAN.kernels_of("estimate"),
 
 
 rule kernel_analytic:
     input:
-        unpack(kernel_inputs),
+        unpack(PLAN.kernel_inputs),
     output:
         files(layout.kernel_dir(), kernel_files(fits_val=True)),
     log:
@@ -89,16 +89,16 @@ rule kernel_analytic:
         benchmark_file("kernel_analytic", "{dataset}/{view}/{kernel}")
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("analytic", crops=False),
+        kernel=PLAN.kernels_of("analytic", crops=False),
     conda:
         CONDA_ENV
-    threads: job_threads
+    threads: PLAN.job_threads
     resources:
-        mem_mb=job_mem_mb("kernel_analytic", analytic_estimate),
-        runtime=job_runtime("kernel_analytic"),
-        gpu=job_gpus,
+        mem_mb=PLAN.job_mem_mb("kernel_analytic", PLAN.analytic_estimate),
+        runtime=PLAN.job_runtime("kernel_analytic"),
+        gpu=PLAN.job_gpus,
     params:
-        args=analytic_args,
+        args=PLAN.analytic_args,
         out=output_dir,
     shell:
         "python -m neural_kernels kernel-analytic {params.args} --out-dir {params.out:q}"
@@ -110,7 +110,7 @@ use rule kernel_analytic as kernel_analytic_subset with:
         files(layout.kernel_dir(), kernel_files(fits_val=False)),
     wildcard_constraints:
         view=SUBSET_VIEW,
-        kernel=methods("analytic"),
+        kernel=PLAN.kernels_of("analytic"),
 
 
 # A full split's kernel augmented by crops: the same rules, with val's centre crops as
@@ -122,7 +122,7 @@ use rule kernel_estimate_shard as kernel_estimate_shard_crops with:
         temp(files(layout.shard_dir(), shard_files(fits_val=True, crops=True))),
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("estimate", crops=True),
+        kernel=PLAN.kernels_of("estimate", crops=True),
 
 
 use rule kernel_merge as kernel_merge_crops with:
@@ -130,7 +130,7 @@ use rule kernel_merge as kernel_merge_crops with:
         files(layout.kernel_dir(), kernel_files(fits_val=True, crops=True)),
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("estimate", crops=True),
+        kernel=PLAN.kernels_of("estimate", crops=True),
 
 
 use rule kernel_analytic as kernel_analytic_crops with:
@@ -138,4 +138,4 @@ use rule kernel_analytic as kernel_analytic_crops with:
         files(layout.kernel_dir(), kernel_files(fits_val=True, crops=True)),
     wildcard_constraints:
         view=FULL_VIEW,
-        kernel=methods("analytic", crops=True),
+        kernel=PLAN.kernels_of("analytic", crops=True),

@@ -5,7 +5,7 @@
 
 rule train_network:
     input:
-        network_inputs,
+        PLAN.network_inputs,
     output:
         files(layout.network_dir(), layout.NETWORK_FILES),
     log:
@@ -14,13 +14,13 @@ rule train_network:
         benchmark_file("train_network", "{dataset}/{network}")
     conda:
         CONDA_ENV
-    threads: job_threads
+    threads: PLAN.job_threads
     resources:
-        mem_mb=job_mem_mb("train_network", train_estimate),
-        runtime=job_runtime("train_network"),
-        gpu=job_gpus,
+        mem_mb=PLAN.job_mem_mb("train_network", PLAN.train_estimate),
+        runtime=PLAN.job_runtime("train_network"),
+        gpu=PLAN.job_gpus,
     params:
-        args=network_args,
+        args=PLAN.network_args,
         data=input_dir,
         out=output_dir,
     shell:

@@ -4,7 +4,7 @@
 
 rule report:
     input:
-        results=report_inputs(),
+        results=PLAN.report_inputs(),
         thesis="report/thesis.yaml",
         templates=expand("report/templates/report.{kind}.j2", kind=["html", "md"]),
     output:
@@ -18,8 +18,8 @@ rule report:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=job_mem_mb("report", small_job),
-        runtime=job_runtime("report"),
+        mem_mb=PLAN.job_mem_mb("report", PLAN.small_job),
+        runtime=PLAN.job_runtime("report"),
     params:
         config=json.dumps(config, sort_keys=True),
         templates=lambda wildcards, input: os.path.dirname(input.templates[0]),

@@ -5,7 +5,7 @@
 
 rule solve:
     input:
-        unpack(solve_inputs),
+        unpack(PLAN.solve_inputs),
     output:
         files(layout.solve_dir(), layout.SOLVE_FILES),
     log:
@@ -14,13 +14,13 @@ rule solve:
         benchmark_file("solve", "{dataset}/{view}/{kernel}/{solver}")
     conda:
         CONDA_ENV
-    threads: job_threads
+    threads: PLAN.job_threads
     resources:
-        mem_mb=job_mem_mb("solve", solve_estimate),
-        runtime=job_runtime("solve"),
-        gpu=job_gpus,
+        mem_mb=PLAN.job_mem_mb("solve", PLAN.solve_estimate),
+        runtime=PLAN.job_runtime("solve"),
+        gpu=PLAN.job_gpus,
     params:
-        args=solve_args,
+        args=PLAN.solve_args,
         out=output_dir,
     shell:
         "python -m neural_kernels solve {params.args} --out-dir {params.out:q} > {log:q} 2>&1"

@@ -12,13 +12,13 @@ rule zca_whiten:
         benchmark_file("zca_whiten", "{dataset}")
     conda:
         CONDA_ENV
-    threads: job_threads
+    threads: PLAN.job_threads
     resources:
-        mem_mb=job_mem_mb("zca_whiten", zca_estimate),
-        runtime=job_runtime("zca_whiten"),
-        gpu=job_gpus,
+        mem_mb=PLAN.job_mem_mb("zca_whiten", PLAN.zca_estimate),
+        runtime=PLAN.job_runtime("zca_whiten"),
+        gpu=PLAN.job_gpus,
     params:
-        args=zca_args,
+        args=PLAN.zca_args,
         out=output_dir,
     shell:
         "python -m neural_kernels zca {input:q} --out-dir {params.out:q}"

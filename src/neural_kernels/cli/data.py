@@ -7,15 +7,8 @@ from pathlib import Path
 
 from neural_kernels.cli.options import Subparsers, pick
 from neural_kernels.errors import NeuralKernelsError
-from neural_kernels.fields import (
-    add_arguments,
-    from_arguments,
-    positive_int,
-)
-from neural_kernels.settings import (
-    DownloadSettings,
-    PrepareSettings,
-)
+from neural_kernels.fields import add_arguments, from_arguments, positive_int
+from neural_kernels.settings import DownloadSettings, PrepareSettings
 
 # ------------------------------------------------------------------------------ data
 

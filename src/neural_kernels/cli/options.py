@@ -7,9 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neural_kernels.errors import NeuralKernelsError
-from neural_kernels.settings import (
-    DEVICE_HELP,
-)
+from neural_kernels.settings import DEVICE_HELP
 
 Handler = Callable[[argparse.Namespace], object]
 Subparsers = argparse._SubParsersAction

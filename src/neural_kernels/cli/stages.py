@@ -15,11 +15,7 @@ from neural_kernels.fields import (
     positive_int,
     refuse_unused,
 )
-from neural_kernels.settings import (
-    SolverSettings,
-    TrainSettings,
-    ZcaSettings,
-)
+from neural_kernels.settings import SolverSettings, TrainSettings, ZcaSettings
 
 # ------------------------------------------------------------------------------- ZCA
 

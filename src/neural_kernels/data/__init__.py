@@ -7,22 +7,14 @@ does not import numpy.
 
 from __future__ import annotations
 
-import importlib
+from neural_kernels.registry import lazy_attributes
 
 _EXPORTS = {
-    "ARCHIVES": "neural_kernels.data.sources",
-    "SOURCES": "neural_kernels.data.sources",
-    "download_file": "neural_kernels.data.download",
-    "verify_checksum": "neural_kernels.data.download",
-    "load_meta": "neural_kernels.data.prepared",
-    "load_split": "neural_kernels.data.prepared",
-    "prepare_dataset": "neural_kernels.data.prepared",
-    "write_subset": "neural_kernels.data.prepared",
+    "neural_kernels.data.sources": ("ARCHIVES", "SOURCES"),
+    "neural_kernels.data.download": ("download_file", "verify_checksum"),
+    "neural_kernels.data.prepared": ("load_meta", "load_split", "prepare_dataset", "write_subset"),
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

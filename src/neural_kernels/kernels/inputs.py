@@ -157,7 +157,7 @@ class FittedRows(StackedRows):
         super().__init__(list(parts.values()))
         self.named = dict(parts)
 
-    def layout(self) -> list[dict]:
+    def segments(self) -> list[dict]:
         """The segments of rows: split, ``[start, stop)``, whether mirrored and, for a
         kernel augmented by crops, which copy of the windows."""
         segments = []
@@ -246,7 +246,7 @@ def describe_inputs(rows: FittedRows, evals: Mapping[str, ImageRows]) -> dict:
             "flips": train.flips,
             "subset": train.indices is not None,
             "files": {split: str(part.path) for split, part in rows.named.items()},
-            "layout": rows.layout(),
+            "layout": rows.segments(),  # the key of earlier kernels: their records stay valid
         },
         **{name: {"file": str(e.path), "rows": len(e)} for name, e in evals.items()},
         "image_shape": list(train.shape[1:]),

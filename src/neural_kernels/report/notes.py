@@ -31,6 +31,10 @@ ZCA = {
 }
 
 
+#: The first line of a table all of whose runs are digits analogues.
+ALL_ANALOGUES = "All digits analogues (the table's own dataset was not run):"
+
+
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -58,11 +62,10 @@ def _training(entry: Entry, results: Results, thesis: dict) -> str | None:
     if entry.kind == "network":
         settings = record["settings"]
         return (
-            f"{_scope(entry)}network {record['name']}: trained on train + val, {images:,} "
-            f"images{versus}, for {settings['epochs']} epochs"
-            f"{_network_augmentation(settings)}; the final epoch is reported"
+            f"network {record['name']}: trained on train + val, {images:,} images{versus}, "
+            f"for {settings['epochs']} epochs{_network_augmentation(settings)}; the final "
+            "epoch is reported"
         )
-    kernel = record["kernel_name"]
     if not record.get("refit"):
         views = sorted({r["view"] for r in entry.records})
         sampling = {
@@ -71,13 +74,13 @@ def _training(entry: Entry, results: Results, thesis: dict) -> str | None:
         }
         plural = "s" if len(views) != 1 else ""
         return (
-            f"{_scope(entry)}{kernel}: {len(views)} {' / '.join(sorted(sampling))} subset"
-            f"{plural} of {images:,} training images{mirrors}{versus} ({', '.join(views)}); "
-            f"hyperparameters chosen on the parent's val split, not refit"
+            f"{len(views)} {' / '.join(sorted(sampling))} subset{plural} of {images:,} "
+            f"training images{mirrors}{versus} ({', '.join(views)}); hyperparameters chosen "
+            "on the parent's val split, not refit"
         )
     return (
-        f"{_scope(entry)}{kernel}: hyperparameters chosen on val after fitting on train, "
-        f"then refit on train + val: {images:,} training images{mirrors}{versus}"
+        f"hyperparameters chosen on val after fitting on train, then refit on train + val: "
+        f"{images:,} training images{mirrors}{versus}"
     )
 
 
@@ -121,7 +124,7 @@ def _kernel(entry: Entry, results: Results, thesis: dict) -> str | None:
     else:
         precision = settings.get("precision")
         how = "computed exactly (the analytic recursion" + (f", {precision})" if precision else ")")
-    text = f"{_scope(entry)}{solve['kernel_name']}: the {name} kernel, {how}"
+    text = f"the {name} kernel, {how}"
     wanted = thesis.get("kernel_method")
     if wanted and wanted != k["method"] and entry.same_dataset:
         text += f"; the thesis used the {wanted} kernel here"
@@ -146,16 +149,38 @@ def _zca(dataset: str, results: Results) -> str | None:
     )
 
 
+def _runs(entries: list[Entry], results: Results, thesis: dict) -> list[str]:
+    """One line per run: a network, or a kernel with the solvers that ran on it (its
+    kernel, training set and protocol said once). "digits analogue" prefixes a run
+    where the table's own dataset was not run, and a training set and protocol that
+    every kernel shares is said once after them, as is a table all of analogues."""
+    every_analogue = bool(entries) and all(not entry.same_dataset for entry in entries)
+    solves = [entry for entry in entries if entry.kind == "solve"]
+    trainings = {_training(entry, results, thesis) or "" for entry in solves}
+    shared = trainings.pop() if len(solves) > 1 and len(trainings) == 1 else None
+    runs: dict[tuple[str, str], list[str]] = {}  # (name, statement) -> solvers
+    for entry in entries:
+        scope = "" if every_analogue else _scope(entry)
+        training = _training(entry, results, thesis) or ""
+        if entry.kind == "network":
+            runs.setdefault((f"{scope}{training}", ""), [])
+            continue
+        solve = entry.records[0]
+        statement = _kernel(entry, results, thesis) or ""
+        statement += f"; {training}" if shared is None else ""
+        runs.setdefault((f"{scope}{solve['kernel_name']}", statement), []).append(solve["method"])
+    lines = [ALL_ANALOGUES] if every_analogue else []
+    for (name, statement), solvers in runs.items():
+        lines.append(f"{name} ({', '.join(_unique(solvers))}): {statement}" if solvers else name)
+    return lines + ([f"Every kernel above: {shared}"] if shared else [])
+
+
 def what_ours_ran(table: Table, thesis: dict, results: Results) -> list[str]:
-    """The table's plain-words statements of what our experiments are (see the module)."""
-    entries = table.entries()
-    lines: list[str] = []
-    for entry in entries:
-        if entry.kind in ("solve", "network"):
-            lines.append(_training(entry, results, thesis) or "")
-    for entry in entries:
-        if entry.kind == "solve":
-            lines.append(_kernel(entry, results, thesis) or "")
+    """The table's plain-words statements of what our experiments are (see the module):
+    one line per run, then what the runs share (the solvers, the ZCA, reconstructed
+    architectures, the test-selected cells), each fact once."""
+    entries = [entry for entry in table.entries() if entry.kind in ("solve", "network")]
+    lines = _runs(entries, results, thesis)
     methods = _unique(
         f"{e.records[0]['method']}: {SOLVERS.get(e.records[0]['method'], '')}"
         for e in entries
@@ -165,20 +190,7 @@ def what_ours_ran(table: Table, thesis: dict, results: Results) -> list[str]:
         lines.append("Solvers: " + "; ".join(methods))
     datasets = _unique(r["dataset"] for e in entries if e.kind == "solve" for r in e.records)
     lines += [_zca(dataset, results) or "" for dataset in datasets]
-    kernels = [e.records[0]["kernel"] if e.kind == "solve" else e.records[0] for e in entries]
-    archs = _unique(
-        (k["arch"], k["activation"])
-        for e, k in zip(entries, kernels, strict=True)
-        if e.kind != "network"
-    )
-    for arch, activation in archs:
-        if arch in RECONSTRUCTED:
-            stages = ", ".join(map(str, MYRTLE_STAGES[arch]))
-            lines.append(
-                f"{arch.capitalize()} is this project's reconstruction (the thesis names it "
-                f"without defining it): stages of ({stages}) 3x3 convolutions with "
-                f"{activation}, 2x2 average pools between them"
-            )
+    lines += _reconstructed(table.entries())
     if any(entry.test_selected for entry in entries):
         lines.append(
             "Cells whose thesis value is Shankar et al.'s chose their regulariser on the "
@@ -187,3 +199,20 @@ def what_ours_ran(table: Table, thesis: dict, results: Results) -> list[str]:
             "'test-selected, as the reference did'"
         )
     return _unique(line for line in lines if line)
+
+
+def _reconstructed(entries: list[Entry]) -> list[str]:
+    """A line for each architecture of the entries that is this project's reconstruction."""
+    kernels = [e.records[0]["kernel"] if e.kind == "solve" else e.records[0] for e in entries]
+    archs = _unique(
+        (k["arch"], k["activation"])
+        for e, k in zip(entries, kernels, strict=True)
+        if e.kind != "network"
+    )
+    return [
+        f"{arch.capitalize()} is this project's reconstruction (the thesis names it without "
+        f"defining it): stages of ({', '.join(map(str, MYRTLE_STAGES[arch]))}) 3x3 "
+        f"convolutions with {activation}, 2x2 average pools between them"
+        for arch, activation in archs
+        if arch in RECONSTRUCTED
+    ]

@@ -7,21 +7,16 @@ import torch.
 
 from __future__ import annotations
 
-import importlib
+from neural_kernels.registry import lazy_attributes
 
 _EXPORTS = {
-    "boosting_path": "neural_kernels.solvers.boosting",
-    "flow_path": "neural_kernels.solvers.flow",
-    "gradient_flow_alpha": "neural_kernels.solvers.flow",
-    "gradient_flow_alpha_expm": "neural_kernels.solvers.flow",
-    "kernel_ridge_alpha": "neural_kernels.solvers.flow",
-    "one_hot_targets": "neural_kernels.solvers.flow",
-    "ridge_path": "neural_kernels.solvers.flow",
-}
-__all__ = sorted(_EXPORTS)
+    "neural_kernels.solvers.boosting": ("boosting_path",),
+    "neural_kernels.solvers.flow": (
+        "flow_path", "gradient_flow_alpha", "gradient_flow_alpha_expm", "kernel_ridge_alpha",
+        "one_hot_targets", "ridge_path",
+    ),
+}  # fmt: skip
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

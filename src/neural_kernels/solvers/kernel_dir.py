@@ -41,27 +41,27 @@ def _load_npy(path: Path, mmap: bool = False) -> NDArray:
         raise DataError(f"cannot read {path} as a .npy array ({error})") from None
 
 
-def _layout(record: dict, kernel_dir: Path) -> list[dict]:
+def _segments(record: dict, kernel_dir: Path) -> list[dict]:
     """The fitted rows' segments from ``kernel.json``, checked to tile the block."""
     try:
-        layout = record["inputs"]["train"]["layout"]
+        segments = record["inputs"]["train"]["layout"]
         rows = record["inputs"]["train"]["rows"]
     except (KeyError, TypeError):
         raise DataError(
             f"{kernel_dir / KERNEL_META} does not describe its fitted rows (inputs.train."
             "layout): it was written by an older version; recompute the kernel"
         ) from None
-    splits = [segment["split"] for segment in layout]
-    starts = [0, *(segment["stop"] for segment in layout)]
-    tiled = [segment["start"] for segment in layout] == starts[:-1] and starts[-1] == rows
+    splits = [segment["split"] for segment in segments]
+    starts = [0, *(segment["stop"] for segment in segments)]
+    tiled = [segment["start"] for segment in segments] == starts[:-1] and starts[-1] == rows
     # train rows first, then val rows (REFIT_SPLITS order), tiling [0, rows)
     ordered = splits and splits[0] == "train" and set(splits) <= set(REFIT_SPLITS)
     if not (tiled and ordered and splits == sorted(splits, key=REFIT_SPLITS.index)):
         raise DataError(
-            f"{kernel_dir / KERNEL_META}: malformed row layout {layout} for {rows} rows; "
+            f"{kernel_dir / KERNEL_META}: malformed row segments {segments} for {rows} rows; "
             "recompute the kernel"
         )
-    return layout
+    return segments
 
 
 def _read_record(kernel_dir: Path) -> dict:
@@ -135,9 +135,9 @@ def _check_blocks(blocks: Mapping[str, NDArray], kernel_dir: Path) -> None:
     check_symmetric(blocks["train"], str(kernel_dir / "train.npy"))
 
 
-def _check_segments(layout: list[dict], ys: dict[str, NDArray], kernel_dir: Path) -> None:
+def _check_segments(segments: list[dict], ys: dict[str, NDArray], kernel_dir: Path) -> None:
     """Every segment of fitted rows has as many rows as its split has labels."""
-    for segment in layout:
+    for segment in segments:
         if segment["stop"] - segment["start"] != len(ys[segment["split"]]):
             raise DataError(
                 f"{kernel_dir}: the kernel has {segment['stop'] - segment['start']} "
@@ -174,15 +174,15 @@ def _read_blocks(
 
 
 def _refit_fits(
-    blocks: dict[str, NDArray], layout: list[dict], ys: dict[str, NDArray], row_labels: NDArray
+    blocks: dict[str, NDArray], segments: list[dict], ys: dict[str, NDArray], row_labels: NDArray
 ) -> tuple[Fit, Fit]:
     """Selection on the train rows scored on the val rows; refit on all, scored on test."""
     kernel = blocks["train"]
-    train_rows = max(seg["stop"] for seg in layout if seg["split"] == "train")
+    train_rows = max(seg["stop"] for seg in segments if seg["split"] == "train")
     if "val" in blocks:  # crops: the fitted val rows are random windows, the block the centre
         val_block = blocks["val"][:, :train_rows]
     else:
-        val = next(seg for seg in layout if seg["split"] == "val" and not seg["mirrored"])
+        val = next(seg for seg in segments if seg["split"] == "val" and not seg["mirrored"])
         val_block = kernel[val["start"] : val["stop"], :train_rows]
     selection = Fit(
         kernel=kernel[:train_rows, :train_rows],
@@ -206,20 +206,20 @@ def _refit_fits(
 def load_problem(kernel_dir: Path, labels: Mapping[str, Path]) -> Problem:
     """Read a kernel directory and the labels of each split; build the fits.
 
-    The fitted rows' labels follow ``kernel.json``'s layout (mirrored rows repeat their
+    The fitted rows' labels follow ``kernel.json``'s segments (mirrored rows repeat their
     images' labels). Every block's shape is checked against the labels.
     """
     kernel_dir = Path(kernel_dir)
     record = _read_record(kernel_dir)
     ys = _read_labels(labels)
-    layout = _layout(record, kernel_dir)
-    _check_segments(layout, ys, kernel_dir)
-    fitted = [segment["split"] for segment in layout]
-    row_labels = np.concatenate([ys[segment["split"]] for segment in layout])
+    segments = _segments(record, kernel_dir)
+    _check_segments(segments, ys, kernel_dir)
+    fitted = [segment["split"] for segment in segments]
+    row_labels = np.concatenate([ys[segment["split"]] for segment in segments])
     blocks = _read_blocks(kernel_dir, record, ys, len(row_labels))
     _check_blocks(blocks, kernel_dir)
     if "val" in fitted:
-        selection, refit = _refit_fits(blocks, layout, ys, row_labels)
+        selection, refit = _refit_fits(blocks, segments, ys, row_labels)
     else:
         selection = Fit(
             kernel=blocks["train"],
