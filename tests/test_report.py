@@ -19,7 +19,7 @@ from PIL import Image
 from neural_kernels.cli import main
 from neural_kernels.kernels.compare import centred_relative_error
 from neural_kernels.report import render_report
-from neural_kernels.report.collect import ReportError, collect
+from neural_kernels.report.collect import ReportError, _stage_record, collect
 from neural_kernels.report.figures import figure_kernel_error, kernel_errors
 from neural_kernels.report.tables import load_thesis
 
@@ -124,7 +124,7 @@ def results(tmp_path: Path) -> Path:
          "settings": {"width": 64}, "features": 800_000, "devices": ["NVIDIA H100"],
          "seconds": {"shards_total": 7000.0, "merge": 200.0}},
     )  # fmt: skip
-    bench = root / "benchmarks/solve/cifar10/full/m10g/flow.tsv"
+    bench = root / "benchmarks/solve/solve/cifar10/full/m10g/flow.tsv"
     bench.parent.mkdir(parents=True)
     bench.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t900.0\n")
     return root
@@ -358,6 +358,15 @@ def test_markdown_html_and_figures(results, tmp_path):
     assert (out / "figures/boosting.svg").exists() and (out / "figures/flow_vs_ridge.svg").exists()
     assert "figures/boosting.svg" in markdown
     assert "12.5" in html  # the benchmark file's wall time in the jobs table
+    # each benchmark is attached to its stage's record (the solve's metrics.json), and
+    # an estimate shard's to its kernel's kernel.json, the nearest record above it
+    results_found = collect(results)
+    (bench,) = results_found.benchmarks
+    assert bench["record"] == str(results / "solve/cifar10/full/m10g/flow/metrics.json")
+    assert _stage_record(results, "kernels/cifar10/full/m10e/shards/3") == str(
+        results / "kernels/cifar10/full/m10e/kernel.json"
+    )
+    assert _stage_record(results, "data/cifar10") is None
     assert "config sha256" in html and "NVIDIA H100" in html
 
 
@@ -408,7 +417,11 @@ def test_kernel_error_compares_each_estimate_with_its_analytic_kernel(tmp_path):
         ("solve/cifar10/full/m10g/flow/metrics.json", "{not json", "cannot read it as JSON"),
         ("solve/cifar10/full/m10g/flow/metrics.json", '{"method": "flow"}', r"key\(s\) kernel"),
         ("networks/tiny/resnet18/metrics.json", "[1, 2]", "expected a JSON object"),
-        ("benchmarks/solve/cifar10/full/m10g/flow.tsv", "garbage\n", "not a Snakemake benchmark"),
+        (
+            "benchmarks/solve/solve/cifar10/full/m10g/flow.tsv",
+            "garbage\n",
+            "not a Snakemake benchmark",
+        ),
     ],
 )
 def test_a_malformed_result_file_is_a_clear_error_naming_it(

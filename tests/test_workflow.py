@@ -207,15 +207,17 @@ def test_default_run_prepares_and_whitens_digits(workdir):
         sub = workdir / f"results/data/digits/subsets/n200-seed{seed}"
         assert load_meta(sub)["splits"]["train"]["class_counts"] == [20] * 10
         assert (workdir / f"results/logs/subset/digits/n200-seed{seed}.log").exists()
-        assert (workdir / f"results/benchmarks/subset/digits/n200-seed{seed}.tsv").exists()
-    assert (workdir / "results/benchmarks/prepare_dataset/digits.tsv").exists()
+        assert (
+            workdir / f"results/benchmarks/subset/data/digits/subsets/n200-seed{seed}.tsv"
+        ).exists()
+    assert (workdir / "results/benchmarks/prepare_dataset/data/digits.tsv").exists()
     zca = json.loads((workdir / "results/zca/digits/zca.json").read_text())
     assert zca["variant"] == "thesis" and zca["solver"] == "exact" and zca["device"] == "cpu"
     assert zca["n_samples"] == 1293 + 144  # fitted on train + val, the refit's training set
     for split, size in (("train", 1293), ("val", 144), ("test", 360)):
         white = np.load(workdir / f"results/zca/digits/{split}_images.npy", mmap_mode="r")
         assert white.shape == (size, 8, 8, 1) and white.dtype == np.float32
-    assert (workdir / "results/benchmarks/zca_whiten/digits.tsv").exists()
+    assert (workdir / "results/benchmarks/zca_whiten/zca/digits.tsv").exists()
     kernels = workdir / "results/kernels/digits"
     # The full split's kernels hold train + val in one symmetric block (the refit); a
     # subset's fits its 200 images and scores val as an eval block. Flips and crops
@@ -266,7 +268,9 @@ def test_default_run_prepares_and_whitens_digits(workdir):
     assert seeds["full"] == 0
     assert [seeds[f"n200-seed{s}"] for s in (0, 1, 2)] == [derived_seed(0, s) for s in (0, 1, 2)]
     assert len(set(seeds.values())) == 4
-    assert (workdir / "results/benchmarks/kernel_merge/digits/full/myrtle5_estimate.tsv").exists()
+    assert (
+        workdir / "results/benchmarks/kernel_merge/kernels/digits/full/myrtle5_estimate.tsv"
+    ).exists()
     solved = workdir / "results/solve/digits"
     t1 = ("myrtle10_gaussian_estimate", "myrtle10_gaussian_flips_estimate")  # kernel_solvers
     runs = [("full", kernel, "flow") for kernel in full]
@@ -282,7 +286,7 @@ def test_default_run_prepares_and_whitens_digits(workdir):
         assert metrics["refit"] == (view == "full")
         # digits are easy: every kernel and solver is far above chance (10%)
         assert metrics["test_accuracy"] > (0.8 if view == "full" else 0.6), (view, kernel)
-        assert (workdir / f"results/benchmarks/solve/digits/{view}/{kernel}").is_dir()
+        assert (workdir / f"results/benchmarks/solve/solve/digits/{view}/{kernel}").is_dir()
     boosting = json.loads(
         (solved / "full/myrtle10_gaussian_estimate/boosting/metrics.json").read_text()
     )

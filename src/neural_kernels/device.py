@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import shutil
+import subprocess
 import sys
 
 import torch
@@ -15,22 +18,79 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+#: Variables SLURM sets in a job that was given GPUs (``--gpus``, ``--gres=gpu``).
+SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
+#: Why this process's ``device: auto`` runs on the CPU although the host lists a GPU
+#: (set by :func:`resolve_device`; :func:`device_name` records it).
+_fallback: str | None = None
+
+
+def nvidia_smi() -> str | None:
+    """What ``nvidia-smi`` lists (GPU names and the driver), or ``None`` where it is
+    missing, fails or lists no GPU."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    query = ["--query-gpu=name,driver_version", "--format=csv,noheader"]
+    try:
+        out = subprocess.run([exe, *query], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.split(",") for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not rows:
+        return None
+    names = ", ".join(dict.fromkeys(row[0].strip() for row in rows))
+    driver = rows[0][1].strip() if len(rows[0]) > 1 else "unknown"
+    return f"nvidia-smi lists {len(rows)} GPU(s) ({names}, driver {driver})"
+
+
+def cuda_diagnosis() -> str:
+    """The likely cause of a GPU torch does not see: the wheel's CUDA beside the host's."""
+    host = nvidia_smi() or "nvidia-smi lists no GPU here"
+    return f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; {host}"
+
+
+def slurm_gpus() -> str | None:
+    """``NAME=value`` of the SLURM variable saying this job was given GPUs, if any."""
+    for name in SLURM_GPU_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value and value not in ("0", "(null)"):
+            return f"{name}={value}"
+    return None
+
+
 def resolve_device(name: str = "auto", stage: str | None = None) -> torch.device:
     """``"auto"`` -> the first CUDA device if there is one, else the CPU.
 
-    ``"cuda"`` without a GPU is an error rather than a silent fallback, so a cluster
-    job that asked for a GPU and did not get one fails loudly. With ``stage`` (a
-    stage's name), one log line says which device the stage runs on, and why when
-    ``"auto"`` fell back to the CPU.
+    A job that asked for a GPU and sees none fails with one line naming the likely
+    cause (:func:`cuda_diagnosis`): ``"cuda"``, or ``"auto"`` inside a SLURM job that
+    was given GPUs. ``"auto"`` falling back to the CPU on a host whose ``nvidia-smi``
+    lists a GPU logs a WARNING, and :func:`device_name` records it in the stage's
+    JSON. With ``stage`` (a stage's name), one log line says which device it runs on.
     """
+    global _fallback
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        given = slurm_gpus() if device.type == "cpu" else None
+        if given is not None:
+            raise NeuralKernelsError(
+                f"this SLURM job was given GPUs ({given}) but torch sees no CUDA GPU "
+                f"({cuda_diagnosis()}); install a torch wheel for the node's driver, or "
+                "run with device: cpu"
+            )
     else:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise NeuralKernelsError(
-                f"device {name!r} was requested but torch sees no CUDA GPU; use 'auto' or 'cpu'"
+                f"device {name!r} was requested but torch sees no CUDA GPU "
+                f"({cuda_diagnosis()}); use 'auto' or 'cpu'"
             )
+    listed = nvidia_smi() if name == "auto" and device.type == "cpu" else None
+    if listed is not None:
+        _fallback = f"device auto fell back: {listed} but torch sees none"
+        log.warning(
+            "%s runs on the CPU: %s (%s)", stage or "this stage", _fallback, cuda_diagnosis()
+        )
     if stage is not None:
         fallback = name == "auto" and device.type == "cpu"
         why = " (device auto: torch sees no CUDA GPU)" if fallback else ""
@@ -49,10 +109,11 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def device_name(device: torch.device) -> str:
-    """A human-readable name of ``device`` (the GPU model for CUDA)."""
+    """A human-readable name of ``device`` (the GPU model for CUDA); the CPU of a
+    ``device: auto`` that fell back on a host with a GPU says so."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return "cpu"
+    return "cpu" if _fallback is None else f"cpu ({_fallback})"
 
 
 def reset_peak_memory(device: torch.device) -> None:

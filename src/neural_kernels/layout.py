@@ -158,6 +158,9 @@ def script_benchmark(name: str = "*") -> str:
     return f"{RESULTS}/benchmarks/{name}.json"
 
 
-def benchmark_file(rule: str, job: str) -> str:
-    """Snakemake's benchmark record of one job of ``rule`` (the report reads these)."""
-    return f"{RESULTS}/benchmarks/{rule}/{job}.tsv"
+def benchmark_file(rule: str, output: str) -> str:
+    """Snakemake's benchmark record of one job of ``rule`` whose output is ``output`` (a
+    directory under ``results/``, or a file): ``results/benchmarks/<rule>/<output,
+    relative to results/>.tsv``, so that the report finds the stage's own record
+    (device, GPU memory) in that directory or the nearest one above it."""
+    return f"{RESULTS}/benchmarks/{rule}/{output.removeprefix(RESULTS + '/')}.tsv"

@@ -7,7 +7,7 @@ every ancestor up to the hierarchy's mount; SLURM's request (``SLURM_MEM_PER_NOD
 ``MemAvailable``. A cgroup's limit counts its anonymous memory as used, not its page
 cache, which the kernel reclaims under the limit. The solve stage compares what a
 solver will hold with this before it reads a kernel
-(:func:`neural_kernels.solvers.problem.check_memory`).
+(:func:`neural_kernels.solvers.kernel_dir.check_memory`).
 
 Ground floor: imports nothing of the package. The ``/proc`` paths are module
 constants, so that a test can point them at a cgroup tree of its own.

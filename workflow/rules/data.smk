@@ -12,7 +12,7 @@ rule download_archive:
     log:
         log_file("download_archive", "{dataset}/{archive}"),
     benchmark:
-        benchmark_file("download_archive", "{dataset}/{archive}")
+        benchmark_file("download_archive", layout.archive_file())
     conda:
         CONDA_ENV
     threads: 1
@@ -38,7 +38,7 @@ rule prepare_dataset:
     log:
         log_file("prepare_dataset", "{dataset}"),
     benchmark:
-        benchmark_file("prepare_dataset", "{dataset}")
+        benchmark_file("prepare_dataset", layout.data_dir())
     conda:
         CONDA_ENV
     threads: 1
@@ -60,7 +60,7 @@ rule subset:
     log:
         log_file("subset", f"{{dataset}}/{layout.subset_view()}"),
     benchmark:
-        benchmark_file("subset", f"{{dataset}}/{layout.subset_view()}")
+        benchmark_file("subset", layout.subset_dir(view=layout.subset_view()))
     conda:
         CONDA_ENV
     threads: 1

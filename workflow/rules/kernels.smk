@@ -16,7 +16,7 @@ rule kernel_estimate_shard:
     log:
         log_file("kernel_estimate_shard", "{dataset}/{view}/{kernel}/{shard}"),
     benchmark:
-        benchmark_file("kernel_estimate_shard", "{dataset}/{view}/{kernel}/{shard}")
+        benchmark_file("kernel_estimate_shard", layout.shard_dir())
     wildcard_constraints:
         view=FULL_VIEW,
         kernel=PLAN.kernels_of("estimate", crops=False),
@@ -51,7 +51,7 @@ rule kernel_merge:
     log:
         log_file("kernel_merge", "{dataset}/{view}/{kernel}"),
     benchmark:
-        benchmark_file("kernel_merge", "{dataset}/{view}/{kernel}")
+        benchmark_file("kernel_merge", layout.kernel_dir())
     wildcard_constraints:
         view=FULL_VIEW,
         kernel=PLAN.kernels_of("estimate", crops=False),
@@ -86,7 +86,7 @@ rule kernel_analytic:
     log:
         log_file("kernel_analytic", "{dataset}/{view}/{kernel}"),
     benchmark:
-        benchmark_file("kernel_analytic", "{dataset}/{view}/{kernel}")
+        benchmark_file("kernel_analytic", layout.kernel_dir())
     wildcard_constraints:
         view=FULL_VIEW,
         kernel=PLAN.kernels_of("analytic", crops=False),

@@ -11,7 +11,7 @@ rule train_network:
     log:
         log_file("train_network", "{dataset}/{network}"),
     benchmark:
-        benchmark_file("train_network", "{dataset}/{network}")
+        benchmark_file("train_network", layout.network_dir())
     conda:
         CONDA_ENV
     threads: PLAN.job_threads

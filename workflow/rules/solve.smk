@@ -11,7 +11,7 @@ rule solve:
     log:
         log_file("solve", "{dataset}/{view}/{kernel}/{solver}"),
     benchmark:
-        benchmark_file("solve", "{dataset}/{view}/{kernel}/{solver}")
+        benchmark_file("solve", layout.solve_dir())
     conda:
         CONDA_ENV
     threads: PLAN.job_threads

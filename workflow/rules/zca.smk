@@ -9,7 +9,7 @@ rule zca_whiten:
     log:
         log_file("zca_whiten", "{dataset}"),
     benchmark:
-        benchmark_file("zca_whiten", "{dataset}")
+        benchmark_file("zca_whiten", layout.zca_dir())
     conda:
         CONDA_ENV
     threads: PLAN.job_threads

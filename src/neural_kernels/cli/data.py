@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from neural_kernels.cli.options import Subparsers, pick
-from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.fields import add_arguments, from_arguments, positive_int
 from neural_kernels.settings import DownloadSettings, PrepareSettings
 
@@ -23,15 +23,9 @@ def add_sources_parser(sub: Subparsers) -> None:
 
 
 def _cmd_sources(args: argparse.Namespace) -> object:
-    from neural_kernels.data.sources import SOURCES
+    from neural_kernels.data.sources import describe_sources
 
-    listing = {}
-    for name, source in SOURCES.items():
-        entry = {"description": source.description, "input": source.input}
-        if source.archive is not None:
-            entry |= {"url": source.archive.url, "checksum": source.archive.checksum}
-        listing[name] = entry
-    return listing
+    return describe_sources()
 
 
 def add_download_parser(sub: Subparsers) -> None:
@@ -55,21 +49,11 @@ def add_download_parser(sub: Subparsers) -> None:
 
 
 def _cmd_download(args: argparse.Namespace) -> object:
-    from neural_kernels.data.download import download_file
-    from neural_kernels.data.sources import ARCHIVES
+    from neural_kernels.data.download import download_source
 
-    source = ARCHIVES.get(args.source) if args.source else None
-    url = args.url or (source.url if source else None)
-    checksum = args.checksum or (source.checksum if source else None)
-    if url is None or checksum is None:
-        raise NeuralKernelsError("give --source, or both --url and --checksum")
-    out = Path(args.out)
-    if args.out.endswith("/") or out.is_dir():
-        out = out / (source.filename if source else Path(url).name)
     settings = from_arguments(DownloadSettings, args)
-    return str(
-        download_file(url, out, checksum, retries=settings.retries, timeout=settings.timeout)
-    )
+    options = pick(vars(args), "source", "url", "checksum")
+    return str(download_source(args.out, **options, **dataclasses.asdict(settings)))
 
 
 def add_prepare_parser(sub: Subparsers) -> None:

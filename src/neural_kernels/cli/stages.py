@@ -10,10 +10,8 @@ from neural_kernels.cli.options import Subparsers, add_device, named_path, pick
 from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.fields import (
     add_arguments,
-    changed_fields,
     from_arguments,
     positive_int,
-    refuse_unused,
 )
 from neural_kernels.settings import SolverSettings, TrainSettings, ZcaSettings
 
@@ -54,9 +52,6 @@ def _cmd_zca(args: argparse.Namespace) -> object:
     from neural_kernels.zca import whiten_files
 
     settings = from_arguments(ZcaSettings, args)
-    if args.transform is not None:  # a saved transform: only the working dtype applies
-        unused = changed_fields(settings, keep=("dtype",)) + ["fit_on"] * (args.fit_on != 1)
-        refuse_unused("zca --transform", unused, "a fit, without --transform")
     options = pick(vars(args), "fit_on", "device", "block_rows")
     record = whiten_files(
         args.images, args.out_dir, settings, transform_path=args.transform, **options

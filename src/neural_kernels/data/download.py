@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from neural_kernels.data.sources import ARCHIVES
 from neural_kernels.errors import ChecksumError, DownloadError, SettingError
 from neural_kernels.outputs import DISK_ERRORS, require_space
 
@@ -235,3 +236,28 @@ def download_file(
         part.unlink(missing_ok=True)
     log.info("downloaded %s (%s %s)", dest, algorithm, expected)
     return dest
+
+
+def download_source(
+    out: str,
+    source: str | None = None,
+    url: str | None = None,
+    checksum: str | None = None,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+) -> Path:
+    """The ``download`` command: ``url`` and ``checksum`` default to those of the
+    registered ``source``; an ``out`` ending in ``/`` (or an existing directory) gets
+    the source's file name (or the URL's)."""
+    if source and source not in ARCHIVES:
+        raise SettingError(f"no archive source {source!r}; choose one of {', '.join(ARCHIVES)}")
+    archive = ARCHIVES[source] if source else None
+    url = url or (archive.url if archive else None)
+    checksum = checksum or (archive.checksum if archive else None)
+    if url is None or checksum is None:
+        raise SettingError("give --source, or both --url and --checksum")
+    dest = Path(out)
+    if out.endswith("/") or dest.is_dir():
+        dest = dest / (archive.filename if archive else Path(url).name)
+    return download_file(url, dest, checksum, retries=retries, timeout=timeout)

@@ -154,3 +154,15 @@ register_source(
         input="npz",
     )
 )
+
+
+def describe_sources() -> dict[str, dict]:
+    """Every registered source: its description and input, with the official URL and
+    checksum of a downloaded one (what ``neural-kernels sources`` prints)."""
+    listing = {}
+    for name, source in SOURCES.items():
+        entry = {"description": source.description, "input": source.input}
+        if source.archive is not None:
+            entry |= {"url": source.archive.url, "checksum": source.archive.checksum}
+        listing[name] = entry
+    return listing

@@ -102,6 +102,22 @@ def _pattern(directory: str, name: str) -> str:
     return in_results(f"{directory}/{name}")
 
 
+#: The records a stage writes into its output directory (device, timings, memory).
+STAGE_RECORDS = (ZCA_META, KERNEL_META, SOLVE_METRICS, NETWORK_METRICS)
+
+
+def _stage_record(root: Path, job: str) -> str | None:
+    """The record of a benchmarked job: in its output directory ``root/job`` or the
+    nearest one above it (an estimate shard's is its kernel's), if any."""
+    directory = root / job
+    while directory != root and root in directory.parents:
+        for name in STAGE_RECORDS:
+            if (directory / name).is_file():
+                return str(directory / name)
+        directory = directory.parent
+    return None
+
+
 def collect(results_dir: Path) -> Results:
     """Walk ``results_dir`` (the workflow's ``results/``) and read every result file."""
     root = Path(results_dir)
@@ -139,11 +155,10 @@ def collect(results_dir: Path) -> Results:
         record = read_json(meta, ("model", "settings", "test_accuracy"))
         results.networks.append(record | {"dataset": dataset, "name": name, "path": str(meta)})
     for table in sorted(root.glob(in_results(benchmark_file("*", "**/*")))):
-        rule, *job = _parts(table, root)[1:]
-        results.benchmarks.append(
-            {"rule": rule, "job": re.sub(r"\.tsv$", "", "/".join(job)), "path": str(table)}
-            | read_benchmark(table)
-        )
+        rule, *parts = _parts(table, root)[1:]
+        job = re.sub(r"\.tsv$", "", "/".join(parts))
+        bench = {"rule": rule, "job": job, "path": str(table), "record": _stage_record(root, job)}
+        results.benchmarks.append(bench | read_benchmark(table))
     for script in sorted(root.glob(in_results(script_benchmark()))):
         results.scripts[script.stem] = read_json(script)
     return results

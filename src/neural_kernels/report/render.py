@@ -7,29 +7,16 @@ after copying ``results/`` from a cluster is one command that recomputes nothing
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import importlib.metadata
 import json
 import platform
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
 
-from neural_kernels.layout import (
-    KERNEL_META,
-    NETWORK_METRICS,
-    SOLVE_METRICS,
-    ZCA_META,
-    in_results,
-    kernel_dir,
-    network_dir,
-    solve_dir,
-    zca_dir,
-)
 from neural_kernels.outputs import staged_directory
 from neural_kernels.report.collect import Results, collect, read_json
 from neural_kernels.report.figures import FIGURES, cost_growth
@@ -37,15 +24,6 @@ from neural_kernels.report.scaling import SCALING_FIGURES, scaling
 from neural_kernels.report.tables import fill_tables, kernel_seconds, load_thesis
 
 PACKAGES = ("neural-kernels", "torch", "torchvision", "numpy", "scipy", "snakemake", "jinja2")
-#: Where a stage's own JSON (device, in-script timers) sits, by benchmark rule.
-STAGE_RECORDS: dict[str, Callable[..., str]] = {
-    "zca_whiten": lambda *job: f"{zca_dir(*job)}/{ZCA_META}",
-    "kernel_analytic": lambda *job: f"{kernel_dir(*job)}/{KERNEL_META}",
-    "kernel_merge": lambda *job: f"{kernel_dir(*job)}/{KERNEL_META}",
-    "kernel_estimate_shard": lambda *job: f"{kernel_dir(*job[:-1])}/{KERNEL_META}",
-    "solve": lambda *job: f"{solve_dir(*job)}/{SOLVE_METRICS}",
-    "train_network": lambda *job: f"{network_dir(*job)}/{NETWORK_METRICS}",
-}
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -84,22 +62,18 @@ def provenance(results: Results, config: dict | None, repo: Path) -> dict:
 
 
 def timings(results: Results) -> list[dict]:
-    """Every job's wall time and peak memory, with the device its stage reports."""
+    """Every job's wall time and peak memory, with the device its stage's record (found
+    by :func:`~neural_kernels.report.collect.collect`) reports."""
     rows = []
     for bench in results.benchmarks:
-        rule, job = bench["rule"], bench["job"]
         device, extra = "cpu", ""
-        record_of = STAGE_RECORDS.get(rule)
-        record_path = None
-        with contextlib.suppress(TypeError):  # a job of another shape has no record
-            record_path = results.root / in_results(record_of(*job.split("/")))
-        if record_path is not None and record_path.exists():
-            record = read_json(record_path)
+        if bench["record"] is not None:
+            record = read_json(Path(bench["record"]))
             device = ", ".join(record.get("devices") or [record.get("device", "cpu")])
             gpu_peak = record.get("device_peak_allocated_mb")
             extra = f"{gpu_peak:.0f} MiB on the GPU" if gpu_peak else ""
         rows.append(
-            {"rule": rule, "job": bench["job"], "seconds": bench["seconds"],
+            {"rule": bench["rule"], "job": bench["job"], "seconds": bench["seconds"],
              "max_rss_mb": bench["max_rss_mb"], "device": device, "gpu_memory": extra}
         )  # fmt: skip
     return rows

@@ -22,6 +22,7 @@ from neural_kernels.device import (
     resolve_dtype,
 )
 from neural_kernels.errors import DataError, NeuralKernelsError
+from neural_kernels.fields import changed_fields, refuse_unused
 from neural_kernels.layout import ZCA_META, ZCA_TRANSFORM
 from neural_kernels.outputs import (
     array_bytes,
@@ -33,6 +34,12 @@ from neural_kernels.outputs import (
 from neural_kernels.settings import ZcaSettings
 from neural_kernels.zca.fit import zca_fit
 from neural_kernels.zca.transform import ZCATransform, zca_apply
+
+
+def _check_transform_options(settings: ZcaSettings, fit_on: int) -> None:
+    """With a saved transform only the working dtype applies: a fit's options are errors."""
+    unused = changed_fields(settings, keep=("dtype",)) + ["fit_on"] * (fit_on != 1)
+    refuse_unused("zca --transform", unused, "a fit, without --transform")
 
 
 def _check_names(inputs: list[Path]) -> None:
@@ -134,6 +141,8 @@ def whiten_files(
     Returns the JSON record.
     """
     settings = ZcaSettings() if settings is None else settings
+    if transform_path is not None:
+        _check_transform_options(settings, fit_on)
     _check_names(inputs)
     run_device = resolve_device(device, stage="zca")
     work_dtype = resolve_dtype(settings.dtype)
