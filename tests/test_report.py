@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -368,13 +370,27 @@ def test_markdown_html_and_figures(results, tmp_path):
     )
     assert _stage_record(results, "data/cifar10") is None
     assert "config sha256" in html and "NVIDIA H100" in html
+    # the provenance names the packages that shape results and records every one
+    for package in ("scikit-learn", "pandas", "matplotlib", "torch", "numpy"):
+        assert f"{package} {importlib.metadata.version(package)}" in html
+    record = json.loads((results / "provenance.json").read_text())
+    installed = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+    assert set(record["environment"]["distributions"]) == installed
+    assert record["environment"]["python"] == platform.python_version()
+    assert record["environment"]["lock"]["file"] == "requirements.lock"
+    assert "results/provenance.json" in html
 
 
 def test_rerendering_recomputes_nothing(results, tmp_path):
-    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    """Only results/provenance.json, the record of the rendering's environment, is
+    written."""
+    render(results, tmp_path / "first")
+    provenance = results / "provenance.json"
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p != provenance}
     render(results, tmp_path / "a")
     render(results, tmp_path / "b")
-    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+    after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p != provenance}
+    assert after == before
     cells_a = (tmp_path / "a/report.md").read_text().split("## Timings")[0]
     assert cells_a == (tmp_path / "b/report.md").read_text().split("## Timings")[0]
 

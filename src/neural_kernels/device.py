@@ -5,13 +5,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
-import subprocess
 import sys
 
 import torch
 
 from neural_kernels.errors import NeuralKernelsError
+from neural_kernels.host import nvidia_smi
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +22,6 @@ SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"
 #: Why this process's ``device: auto`` runs on the CPU although the host lists a GPU
 #: (set by :func:`resolve_device`; :func:`device_name` records it).
 _fallback: str | None = None
-
-
-def nvidia_smi() -> str | None:
-    """What ``nvidia-smi`` lists (GPU names and the driver), or ``None`` where it is
-    missing, fails or lists no GPU."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    query = ["--query-gpu=name,driver_version", "--format=csv,noheader"]
-    try:
-        out = subprocess.run([exe, *query], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rows = [line.split(",") for line in out.stdout.splitlines() if line.strip()]
-    if out.returncode != 0 or not rows:
-        return None
-    names = ", ".join(dict.fromkeys(row[0].strip() for row in rows))
-    driver = rows[0][1].strip() if len(rows[0]) > 1 else "unknown"
-    return f"nvidia-smi lists {len(rows)} GPU(s) ({names}, driver {driver})"
 
 
 def cuda_diagnosis() -> str:

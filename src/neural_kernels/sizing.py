@@ -10,7 +10,7 @@ README's
 of :mod:`neural_kernels.kernels.stage`: a full split fits train + val (times the
 crops' copies and the mirrors) and scores test, plus val's centre crops when cropped.
 A custom source's sizes are known only from its data; the solve stage's own check
-(:func:`neural_kernels.solvers.problem.check_memory`) covers it when the job runs.
+(:func:`neural_kernels.solvers.kernel_dir.check_memory`) covers it when the job runs.
 
 The hours are a model, not a measurement (``benchmarks/solvers.py`` measures):
 :data:`EIGH_MATMUL_UNITS` and :data:`CHOLESKY_MATMUL_UNITS` were measured on this

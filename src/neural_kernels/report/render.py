@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import platform
 import subprocess
@@ -20,10 +19,9 @@ import jinja2
 from neural_kernels.outputs import staged_directory
 from neural_kernels.report.collect import Results, collect, read_json
 from neural_kernels.report.figures import FIGURES, cost_growth
+from neural_kernels.report.provenance import SHAPING, environment, write_provenance
 from neural_kernels.report.scaling import SCALING_FIGURES, scaling
 from neural_kernels.report.tables import fill_tables, kernel_seconds, load_thesis
-
-PACKAGES = ("neural-kernels", "torch", "torchvision", "numpy", "scipy", "snakemake", "jinja2")
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -37,24 +35,22 @@ def _git(*args: str, cwd: Path) -> str | None:
 
 
 def provenance(results: Results, config: dict | None, repo: Path) -> dict:
-    """Git commit, config and its hash, package versions, devices, date."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+    """Git commit, config and its hash, the run's environment
+    (:func:`~neural_kernels.report.provenance.environment`: every distribution, the
+    lock's hash, Python, OS, CPU, GPUs), the packages that shape results, devices, date."""
     canonical = json.dumps(config, sort_keys=True) if config is not None else None
     commit = _git("rev-parse", "HEAD", cwd=repo)
     dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    env = environment(repo)
     return {
         "commit": (commit or "unknown (not a git checkout)") + (" (modified)" if dirty else ""),
         "config": canonical,
         "config_sha256": hashlib.sha256(canonical.encode()).hexdigest()[:16]
         if canonical
         else "no config given (rendered with neural-kernels report alone)",
-        "packages": versions,
-        "python": platform.python_version(),
+        "packages": {name: env["distributions"].get(name, "not installed") for name in SHAPING},
+        "environment": env,
+        "python": env["python"],
         "host": platform.node(),
         "devices": results.devices() or ["none recorded"],
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -159,6 +155,8 @@ def render_report(
     with staged_directory(out_dir) as stage:
         (stage / "report.md").write_text(markdown)
         (stage / "report.html").write_text(html)
+    record = {key: value for key, value in context["provenance"].items() if key != "config"}
+    write_provenance(results_dir, record)
     return {
         "html": str(out_dir / "report.html"),
         "markdown": str(out_dir / "report.md"),
