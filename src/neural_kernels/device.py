@@ -24,9 +24,10 @@ SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"
 _fallback: str | None = None
 
 
-def cuda_diagnosis() -> str:
-    """The likely cause of a GPU torch does not see: the wheel's CUDA beside the host's."""
-    host = nvidia_smi() or "nvidia-smi lists no GPU here"
+def cuda_diagnosis(listed: str | None = None) -> str:
+    """The likely cause of a GPU torch does not see: the wheel's CUDA beside what
+    ``nvidia-smi`` lists (``listed``, when the caller has asked it already)."""
+    host = listed or nvidia_smi() or "nvidia-smi lists no GPU here"
     return f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; {host}"
 
 
@@ -69,7 +70,7 @@ def resolve_device(name: str = "auto", stage: str | None = None) -> torch.device
     if listed is not None:
         _fallback = f"device auto fell back: {listed} but torch sees none"
         log.warning(
-            "%s runs on the CPU: %s (%s)", stage or "this stage", _fallback, cuda_diagnosis()
+            "%s runs on the CPU: %s (%s)", stage or "this stage", _fallback, cuda_diagnosis(listed)
         )
     if stage is not None:
         fallback = name == "auto" and device.type == "cpu"

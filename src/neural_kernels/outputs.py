@@ -140,7 +140,7 @@ def same_filesystem(a: Path, b: Path) -> bool:
     return _existing(a).stat().st_dev == _existing(b).stat().st_dev
 
 
-def _gb(n_bytes: float) -> str:
+def _size(n_bytes: float) -> str:
     """``n_bytes`` in GB, MB or kB, three significant digits."""
     for unit, size in (("GB", 1e9), ("MB", 1e6)):
         if n_bytes >= size / 10:
@@ -162,8 +162,8 @@ def require_space(directory: Path, files: Mapping[str, int], stage: str) -> None
     if needed > free:
         names = ", ".join(sorted(files)[:4]) + (", ..." if len(files) > 4 else "")
         raise NeuralKernelsError(
-            f"{stage} would write {_gb(needed)} ({names}) to {directory} but its filesystem "
-            f"has {_gb(free)} free; free space there or choose another output directory, "
+            f"{stage} would write {_size(needed)} ({names}) to {directory} but its filesystem "
+            f"has {_size(free)} free; free space there or choose another output directory, "
             "then rerun. Nothing was computed"
         )
 
@@ -230,7 +230,7 @@ def disk_error_message(error: OSError) -> str | None:
         return None
     path = error.filename or "a file"
     try:
-        free = _gb(free_bytes(Path(path))) if error.filename else "little"
+        free = _size(free_bytes(Path(path))) if error.filename else "little"
     except OSError:
         free = "little"
     resuming = _resuming()
