@@ -27,6 +27,7 @@ from conftest import copy_workflow
 from miniature import make_cifar10, make_imagenet_r, make_tiny_imagenet
 from neural_kernels.data.sources import ARCHIVES
 from neural_kernels.device import resolve_device
+from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.plan import Plan
 from neural_kernels.report.tables import cell_solvers
 
@@ -407,27 +408,27 @@ def test_no_job_asks_for_a_gpu_where_the_config_says_there_are_none(workdir):
     assert asking == {"myrtle7_analytic"}
 
 
-@pytest.mark.workflow
-def test_the_config_overrides_memory_and_time_limits(workdir):
-    config = yaml.safe_load((workdir / "config/config.yaml").read_text())
+def test_the_config_overrides_memory_and_time_limits(tmp_path):
+    """resources.mem_mb, runtime and min_mem_mb as the plan hands them to the rules (the
+    slurm dry run above shows the rules ask for what the plan says)."""
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     config["resources"] = {
         "min_mem_mb": 3000,
         "mem_mb": {"solve": 5000},
         "runtime": {"kernel_analytic": 60},
     }
-    (workdir / "small.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, "-n", "--configfile", "small.yaml", "--profile", SLURM)
-    assert result.returncode == 0, result.stderr
-    jobs = dry_run_jobs(result.stdout)
-    by_rule = {}
-    for job in jobs:
-        by_rule.setdefault(job["rule"], []).append(job["resources"])
-    assert {r["mem_mb"] for r in by_rule["solve"]} == {"5000"}
-    assert {r["runtime"] for r in by_rule["kernel_analytic"]} == {"60"}
-    assert {r["runtime"] for r in by_rule["kernel_estimate_shard"]} == {"480"}  # default
+    validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
+    plan = Plan(config, pending=lambda: "<TBD>")
+    job = SimpleNamespace(dataset="digits", kernel="myrtle5_analytic", solver="flow")
+    solve = plan.job_mem_mb("solve", plan.solve_estimate)
+    # the override, doubled on the second attempt (a job killed for memory asks for more)
+    assert (solve(job, [], attempt=1), solve(job, [], attempt=2)) == (5000, 10000)
+    assert plan.job_runtime("kernel_analytic") == 60
+    assert plan.job_runtime("kernel_estimate_shard") == 480  # the default
     # prepare (digits: no input) is sized now: the floor; the rest once inputs exist
-    assert by_rule["prepare_dataset"][0]["mem_mb"] == "3000"
-    assert {r["mem_mb"] for r in by_rule["zca_whiten"]} == {"<TBD>"}
+    assert plan.job_mem_mb("prepare_dataset", plan.prepare_estimate)(job, [], attempt=1) == 3000
+    zca = plan.job_mem_mb("zca_whiten", plan.zca_estimate)
+    assert zca(job, [str(tmp_path / "train.npy")], attempt=1) == "<TBD>"
 
 
 @pytest.mark.workflow
@@ -617,14 +618,12 @@ def test_readme_full_reproduction_commands_name_real_files():
 
 
 def test_a_solve_no_node_or_gpu_can_hold_is_refused_before_any_job(workdir):
+    """The plan refuses it (neural_kernels.sizing.check_solves_fit); one dry run shows
+    Snakemake stops there, before any job."""
     config = yaml.safe_load(THESIS.read_text())
     config["datasets"]["tiny_imagenet"]["solvers"].append("flow_cpu")
-
-    def dry_run() -> subprocess.CompletedProcess:
-        (workdir / "sized.yaml").write_text(yaml.safe_dump(config))
-        return snakemake(workdir, "-n", "--configfile", "sized.yaml")
-
-    result = dry_run()
+    (workdir / "sized.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "-n", "--configfile", "sized.yaml")
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert (
@@ -633,12 +632,12 @@ def test_a_solve_no_node_or_gpu_can_hold_is_refused_before_any_job(workdir):
     ), out[-3000:]
     assert "Use boosting or pcg, which stream the kernel from disk" in out
     config["resources"]["node_mem_mb"] = 1_400_000  # a node with the memory passes
-    assert dry_run().returncode == 0
+    plan_of(copy.deepcopy(config))
     # a streaming solver's grid too big for the GPU is refused too
     config["resources"]["gpu_mem_mb"] = 20_000
-    result = dry_run()
-    assert result.returncode != 0
+    with pytest.raises(NeuralKernelsError) as refused:
+        plan_of(copy.deepcopy(config))
     assert (
         "tiny_imagenet/myrtle11_crop56_flips_estimate/pcg_large: pcg holds 31 GB (200000 + "
-        "20000 rows x 200 classes x its grid) but a GPU has 20 GB" in result.stdout + result.stderr
-    ), result.stdout[-3000:]
+        "20000 rows x 200 classes x its grid) but a GPU has 20 GB" in str(refused.value)
+    )

@@ -16,7 +16,7 @@ def fenced_commands(text: str) -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     readme = fenced_commands((REPO / "README.md").read_text())
-    test_command = 'pip install -e ".[test]" && python -m pytest'
+    test_command = 'pip install -e ".[test]" -c requirements.lock && python -m pytest'
     assert test_command in readme
     ci_lines = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines()]
     assert test_command in ci_lines
@@ -24,7 +24,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_run_command_targets_the_default_config():
     readme = fenced_commands((REPO / "README.md").read_text())
-    assert "pip install -e . && snakemake --cores 2" in readme
+    assert "pip install -e . -c requirements.lock && snakemake --cores 2" in readme
     assert (REPO / "config/config.yaml").exists()
 
 

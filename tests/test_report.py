@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -165,7 +166,7 @@ class CellParser(HTMLParser):
 
 
 def render(results: Path, out: Path) -> dict[tuple[str, str, str], dict]:
-    render_report(results, out, thesis_path=THESIS, templates=TEMPLATES, config={"x": 1})
+    render_report(results, out, thesis_path=THESIS, templates=TEMPLATES, config={"x": 1}, repo=REPO)
     parser = CellParser()
     parser.feed((out / "report.html").read_text())
     return parser.cells
@@ -377,7 +378,10 @@ def test_markdown_html_and_figures(results, tmp_path):
     installed = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
     assert set(record["environment"]["distributions"]) == installed
     assert record["environment"]["python"] == platform.python_version()
-    assert record["environment"]["lock"]["file"] == "requirements.lock"
+    lock = record["environment"]["lock"]
+    assert lock["file"] == "requirements.lock"
+    assert lock["sha256"] == hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()
+    assert ("the environment matches it" in html) == (lock["differences"] == [])
     assert "results/provenance.json" in html
 
 

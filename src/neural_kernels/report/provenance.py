@@ -1,7 +1,8 @@
 """What a run was made with: every installed distribution and its version, the lock
-file's hash, Python, the operating system, the CPU, and the GPUs and driver where
-present. Each report writes it to ``results/provenance.json``; the report shows the
-packages that shape results (:data:`SHAPING`) and points to the file for the rest.
+file's hash and where the environment departs from it, Python, the operating system,
+the CPU, and the GPUs and driver where present. Each report writes it to
+``results/provenance.json``; the report shows the packages that shape results
+(:data:`SHAPING`) and points to the file for the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import re
 from pathlib import Path
 
 from neural_kernels import host
+from neural_kernels.lockfile import (
+    LOCK,
+    environment_differences,
+    project_requirements,
+    read_lock,
+    runtime_pins,
+)
 from neural_kernels.outputs import write_json
 
 #: The distributions whose versions shape the results and figures (the report lists them).
@@ -21,8 +29,6 @@ SHAPING = (
     "neural-kernels", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "pandas",
     "matplotlib", "jinja2", "snakemake",
 )  # fmt: skip
-#: The lock file of the full dependency set, where the repository has one.
-LOCK = "requirements.lock"
 PROVENANCE = "provenance.json"
 
 
@@ -51,22 +57,38 @@ def torch_cuda() -> str | None:
     return f"CUDA {found.group(1)}" if found else None
 
 
+def lock_record(repo: Path, installed: dict[str, str]) -> dict:
+    """The lock's file name and sha256, and how the environment (``installed``) departs
+    from it: a distribution at another version than the lock's, or a runtime one
+    missing (the test extra is not needed to run). ``sha256`` and ``differences`` are
+    ``None`` where ``repo`` has no lock."""
+    lock = Path(repo) / LOCK
+    if not lock.is_file():
+        return {"file": LOCK, "sha256": None, "differences": None}
+    pins = read_lock(lock)
+    pyproject = Path(repo) / "pyproject.toml"
+    roots = project_requirements(pyproject, extras=()) if pyproject.is_file() else []
+    required = {pin.name for pin in runtime_pins(pins, roots)}
+    return {
+        "file": LOCK,
+        "sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
+        "differences": environment_differences(pins, installed, required),
+    }
+
+
 def environment(repo: Path) -> dict:
     """The run's environment (see the module docstring)."""
-    lock = Path(repo) / LOCK
+    installed = distributions()
     return {
         "python": platform.python_version(),
         "os": platform.platform(),
         "cpu": host.cpu_model(),
-        "lock": {
-            "file": LOCK,
-            "sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None,
-        },
+        "lock": lock_record(repo, installed),
         "cuda": {
             "torch_built_for": torch_cuda(),
             "gpus": host.nvidia_smi_gpus(),
         },
-        "distributions": distributions(),
+        "distributions": installed,
     }
 
 
