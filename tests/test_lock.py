@@ -4,6 +4,9 @@ running environment matches it (neural_kernels.lockfile; tools/lock.py writes bo
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import venv
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,25 @@ def test_the_rules_conda_environment_is_the_runtime_part_of_the_lock():
 def test_the_user_conda_environment_installs_through_the_lock():
     pip = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"][-1]["pip"]
     assert pip == [f"-c {LOCK}", "-e .[test]"]
+
+
+@pytest.mark.workflow
+def test_the_conda_post_deploy_script_installs_the_package_the_rules_call(tmp_path):
+    """Snakemake runs workflow/envs/neural_kernels.post-deploy.sh inside the rules' conda
+    environment once it exists; here a bare venv stands in for that environment (conda's
+    channels are out of reach on the test machines)."""
+    script = REPO / "workflow/envs/neural_kernels.post-deploy.sh"
+    venv.create(tmp_path / "env", with_pip=True)
+    env = {**os.environ, "PATH": f"{tmp_path / 'env/bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    outside = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True)
+    assert outside.returncode == 1
+    assert b"run snakemake --sdm conda from the repository root" in outside.stderr
+    done = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    where = "import neural_kernels; print(neural_kernels.__file__)"
+    found = subprocess.run(
+        [str(tmp_path / "env/bin/python"), "-c", where],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert Path(found.stdout.strip()).is_relative_to(REPO / "src")

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# With --software-deployment-method conda, Snakemake runs this inside the new
-# environment from the working directory (the repository root): it adds the package
-# itself, whose dependencies neural_kernels.yaml already lists.
+# Snakemake runs this once, inside the rules' conda environment (neural_kernels.yaml,
+# which pins every dependency), right after it creates it: it installs the package the
+# rules call (`python -m neural_kernels`), which the environment file cannot name by
+# path. Snakemake runs it from the workflow's working directory, the repository root.
 set -euo pipefail
-pip install --no-deps -e .
+if ! grep -q '^name = "neural-kernels"' pyproject.toml 2>/dev/null; then
+    echo "error: run snakemake --sdm conda from the repository root ($PWD has no" \
+        "neural-kernels pyproject.toml)" >&2
+    exit 1
+fi
+python -m pip install --no-deps -e .
