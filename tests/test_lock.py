@@ -4,9 +4,11 @@ running environment matches it (neural_kernels.lockfile; tools/lock.py writes bo
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import subprocess
 import venv
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from neural_kernels.errors import NeuralKernelsError
 from neural_kernels.lockfile import (
     LOCK,
     environment_differences,
+    lock_targets,
     project_requirements,
     read_lock,
     runtime_pins,
@@ -92,15 +95,48 @@ def test_runtime_pins_are_the_roots_and_what_they_pull_in(small_lock):
     assert [pin.name for pin in runtime] == ["numpy", "scipy", "typing-extensions"]
 
 
+LINUX_311 = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+             "python_version": "3.11", "python_full_version": "3.11.0"}  # fmt: skip
+MAC_312 = {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64",
+           "python_version": "3.12", "python_full_version": "3.12.0"}  # fmt: skip
+
+
 def test_uncovered_requirements_name_a_missing_or_out_of_range_pin(small_lock):
     pins = read_lock(small_lock)
-    assert (
-        uncovered_requirements(pins, [Requirement("numpy>=1.26"), Requirement("pytest>=8")]) == []
-    )
-    assert uncovered_requirements(pins, [Requirement("numpy>=3"), Requirement("jinja2>=3.1")]) == [
-        "numpy>=3 is locked at 2.4.6",
-        "jinja2>=3.1 is not in the lock",
+    both = (LINUX_311, MAC_312)
+    covered = [Requirement("numpy>=1.26"), Requirement("pytest>=8")]
+    assert uncovered_requirements(pins, covered, both) == []
+    assert uncovered_requirements(
+        pins, [Requirement("numpy>=3"), Requirement("jinja2>=3.1")], (LINUX_311,)
+    ) == [
+        "numpy>=3 is locked at 2.4.6 for linux x86_64 Python 3.11",
+        "jinja2>=3.1 has no pin for linux x86_64 Python 3.11",
     ]
+    # a pin for one platform leaves the other open; a requirement is only checked
+    # where its own marker holds
+    mac_only = read_lock(small_lock)
+    mac_only[1] = replace(mac_only[1], marker="sys_platform == 'darwin'")
+    assert uncovered_requirements(mac_only, covered, both) == [
+        "numpy>=1.26 has no pin for linux x86_64 Python 3.11"
+    ]
+    assert (
+        uncovered_requirements(pins, [Requirement("pywin32; sys_platform == 'win32'")], both) == []
+    )
+
+
+def test_lock_targets_are_the_platforms_and_pythons_pyproject_names(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\nrequires-python = ">=3.13"\n'
+        "[tool.uv]\nenvironments = [\"sys_platform == 'darwin'\"]\n"
+    )
+    targets = lock_targets(pyproject)
+    assert [(t["sys_platform"], t["python_version"]) for t in targets] == [
+        ("darwin", "3.13"), ("darwin", "3.14")
+    ]  # fmt: skip
+    repo_targets = lock_targets(REPO / "pyproject.toml")
+    assert {t["sys_platform"] for t in repo_targets} == {"linux", "darwin"}
+    assert min(t["python_version"] for t in repo_targets) == "3.11"
 
 
 def test_environment_differences_name_each_departure(small_lock):
@@ -108,12 +144,15 @@ def test_environment_differences_name_each_departure(small_lock):
     linux = {"numpy": "2.4.6", "pytest": "9.2.0", "scipy": "1.17.1", "typing_extensions": "4.16.0"}
     assert environment_differences(pins, {**linux, "iniconfig": "2.0.0", "uv": "0.13.9"}) == []
     assert environment_differences(pins, {**linux, "iniconfig": "2.0", "pytest": "9.2.0.0"}) == []
+    # pip's rule for ==: a local build (a CUDA wheel of another index) is the release
+    assert environment_differences(pins, {**linux, "iniconfig": "2.0.0+cu130"}) == []
     assert environment_differences(pins, {**linux, "scipy": "1.18.1"}) == [
         "iniconfig 2.0.0 is locked but not installed",
         "scipy is locked at 1.17.1 but 1.18.1 is installed",
     ]
-    # a runtime install (no test extra) misses nothing it was asked to have
-    assert environment_differences(pins, linux, required={"numpy", "scipy"}) == []
+    # a runtime install (no test extra) departs in nothing that is counted
+    runtime = {"numpy", "scipy"}
+    assert environment_differences(pins, {**linux, "pytest": "8.0"}, counted=runtime) == []
 
 
 def test_provenance_records_where_the_environment_departs_from_the_lock(tmp_path):
@@ -132,7 +171,9 @@ def test_provenance_records_where_the_environment_departs_from_the_lock(tmp_path
 def test_the_lock_covers_every_dependency_of_pyproject():
     assert "#    python tools/lock.py" in (REPO / LOCK).read_text()  # says how it was made
     pins = read_lock(REPO / LOCK)
-    problems = uncovered_requirements(pins, project_requirements(REPO / "pyproject.toml"))
+    pyproject = REPO / "pyproject.toml"
+    targets = lock_targets(pyproject)
+    problems = uncovered_requirements(pins, project_requirements(pyproject), targets)
     assert not problems, f"{'; '.join(problems)}: regenerate the lock with `{REGENERATE}`"
 
 
@@ -150,6 +191,34 @@ def test_the_rules_conda_environment_is_the_runtime_part_of_the_lock():
     runtime = project_requirements(REPO / "pyproject.toml", extras=())
     assert {canonicalize_name(req.name) for req in runtime} <= listed
     assert not {"pytest", "snakefmt", "import-linter", "neural-tangents"} & listed
+
+
+def installed_closure(roots: list[Requirement]) -> set[str]:
+    """The distributions that ``roots`` pull in on this machine, read from the installed
+    packages' own metadata (``Requires-Dist``, markers and extras evaluated): an account
+    of the runtime part independent of the lock's ``# via`` comments."""
+    found: set[tuple[str, frozenset]] = set()
+    todo = [root for root in roots if root.marker is None or root.marker.evaluate({"extra": ""})]
+    while todo:
+        requirement = todo.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in found:
+            continue
+        found.add(key)
+        for line in importlib.metadata.requires(requirement.name) or []:
+            needed = Requirement(line)
+            extras = ("", *requirement.extras)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": e}) for e in extras):
+                needed.marker = None
+                todo.append(needed)
+    return {name for name, _ in found}
+
+
+def test_the_runtime_part_of_the_lock_is_what_the_runtime_dependencies_pull_in():
+    pins = read_lock(REPO / LOCK)
+    roots = project_requirements(REPO / "pyproject.toml", extras=())
+    derived = {pin.name for pin in runtime_pins(pins, roots) if pin.applies()}
+    assert derived == installed_closure(roots)
 
 
 def test_the_user_conda_environment_installs_through_the_lock():

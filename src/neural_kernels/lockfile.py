@@ -16,10 +16,12 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
@@ -87,50 +89,92 @@ def project_requirements(pyproject: Path, extras: tuple[str, ...] = ("test",)) -
     return [Requirement(line) for line in lines]
 
 
-def uncovered_requirements(pins: list[Pin], requirements: list[Requirement]) -> list[str]:
-    """One sentence per requirement the lock does not pin, or pins to a version outside
-    its specifier; empty when the lock covers them all."""
+#: The platforms (``sys_platform``, ``platform_system``, ``platform_machine``) and
+#: Pythons a lock may be for; :func:`lock_targets` keeps those ``pyproject.toml`` names.
+PLATFORMS = (
+    ("linux", "Linux", "x86_64"), ("linux", "Linux", "aarch64"),
+    ("darwin", "Darwin", "arm64"), ("win32", "Windows", "AMD64"),
+)  # fmt: skip
+PYTHONS = ("3.11", "3.12", "3.13", "3.14")
+
+
+def lock_targets(pyproject: Path) -> tuple[dict[str, str], ...]:
+    """The environments the lock is for, as marker variables: each of :data:`PLATFORMS`
+    that one of ``[tool.uv] environments`` admits (all where none is set), on each of
+    :data:`PYTHONS` from :func:`lowest_python` on."""
+    config = tomllib.loads(Path(pyproject).read_text())
+    markers = [Marker(m) for m in config.get("tool", {}).get("uv", {}).get("environments", [])]
+    lowest = Version(lowest_python(pyproject))
+    targets = []
+    for (sys_platform, system, machine), python in product(PLATFORMS, PYTHONS):
+        target = {"sys_platform": sys_platform, "platform_system": system,
+                  "platform_machine": machine, "python_version": python,
+                  "python_full_version": f"{python}.0"}  # fmt: skip
+        if Version(python) >= lowest and (not markers or any(m.evaluate(target) for m in markers)):
+            targets.append(target)
+    return tuple(targets)
+
+
+def _target_name(target: dict[str, str]) -> str:
+    return (
+        f"{target['sys_platform']} {target['platform_machine']} Python {target['python_version']}"
+    )
+
+
+def uncovered_requirements(
+    pins: list[Pin], requirements: list[Requirement], targets: tuple[dict[str, str], ...]
+) -> list[str]:
+    """One sentence per requirement the lock leaves open in one of ``targets`` (see
+    :func:`lock_targets`): no pin
+    that applies there, or one at a version outside the requirement's specifier. A
+    requirement is checked only where its own marker holds. Empty when the lock covers
+    them all."""
     problems = []
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
-        versions = [pin.version for pin in pins if pin.name == name]
-        if not versions:
-            problems.append(f"{requirement} is not in the lock")
-        problems += [
-            f"{requirement} is locked at {version}"
-            for version in versions
-            if not requirement.specifier.contains(version, prereleases=True)
-        ]
-    return problems
+        for target in targets:
+            if requirement.marker and not requirement.marker.evaluate({**target, "extra": ""}):
+                continue
+            versions = [pin.version for pin in pins if pin.name == name and pin.applies(target)]
+            where = _target_name(target)
+            if not versions:
+                problems.append(f"{requirement} has no pin for {where}")
+            problems += [
+                f"{requirement} is locked at {version} for {where}"
+                for version in versions
+                if not requirement.specifier.contains(version, prereleases=True)
+            ]
+    return list(dict.fromkeys(problems))
 
 
 def environment_differences(
-    pins: list[Pin], installed: dict[str, str], required: set[str] | None = None
+    pins: list[Pin], installed: dict[str, str], counted: set[str] | None = None
 ) -> list[str]:
     """One sentence per way the environment (``installed``: name -> version) departs
-    from the pins that apply to it: an installed distribution at another version, or a
-    ``required`` one (default: every pin that applies) that is missing. Distributions
-    the lock does not name (pip, uv, a tool of one's own) are no difference."""
+    from the pins that apply to it and are ``counted`` (default: all of them): one
+    missing, or installed at a version that ``==`` the pin does not admit (pip's rule:
+    a local build such as ``2.14.1+cu130`` is ``2.14.1``). Distributions the lock does
+    not name (pip, uv, a tool of one's own) are no difference."""
     installed = {canonicalize_name(name): version for name, version in installed.items()}
     problems = []
     for pin in pins:
-        if not pin.applies():
+        if not pin.applies() or (counted is not None and pin.name not in counted):
             continue
         have = installed.get(pin.name)
-        if have is None and (required is None or pin.name in required):
+        if have is None:
             problems.append(f"{pin.name} {pin.version} is locked but not installed")
-        elif have is not None and not _same_version(have, pin.version):
+        elif not _admits(pin.version, have):
             problems.append(f"{pin.name} is locked at {pin.version} but {have} is installed")
     return problems
 
 
-def _same_version(a: str, b: str) -> bool:
-    """Whether two version strings name one release (``1.0`` and ``1.0.0`` do); a string
-    that is no PEP 440 version is compared as text."""
+def _admits(pinned: str, have: str) -> bool:
+    """Whether ``==pinned`` admits version ``have``, as pip decides; a string that is no
+    PEP 440 version is compared as text."""
     try:
-        return Version(a) == Version(b)
-    except InvalidVersion:
-        return a == b
+        return SpecifierSet(f"=={pinned}").contains(Version(have), prereleases=True)
+    except (InvalidVersion, InvalidSpecifier):
+        return pinned == have
 
 
 def runtime_pins(pins: list[Pin], roots: list[Requirement]) -> list[Pin]:
@@ -166,14 +210,21 @@ def conda_environment(pins: list[Pin], python: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lowest_python(pyproject: Path) -> str:
+    """The lowest Python (``X.Y``) that ``pyproject.toml``'s ``requires-python`` admits:
+    the one the lock is resolved from and the conda environments install."""
+    requires = tomllib.loads(Path(pyproject).read_text())["project"]["requires-python"]
+    python = re.fullmatch(r">=\s*(\d+\.\d+)", requires.strip())
+    if not python:
+        raise NeuralKernelsError(f"requires-python {requires!r} is not of the form '>=X.Y'")
+    return python[1]
+
+
 def workflow_environment(repo: Path) -> str:
     """The rules' conda environment (``workflow/envs/neural_kernels.yaml``) as
     :func:`conda_environment` writes it from ``repo``'s lock and ``pyproject.toml``:
     the runtime pins, on the lowest Python that ``requires-python`` admits."""
     pyproject = Path(repo) / "pyproject.toml"
-    requires = tomllib.loads(pyproject.read_text())["project"]["requires-python"]
-    python = re.fullmatch(r">=\s*(\d+\.\d+)", requires.strip())
-    if not python:
-        raise NeuralKernelsError(f"requires-python {requires!r} is not of the form '>=X.Y'")
     roots = project_requirements(pyproject, extras=())
-    return conda_environment(runtime_pins(read_lock(Path(repo) / LOCK), roots), python[1])
+    pins = runtime_pins(read_lock(Path(repo) / LOCK), roots)
+    return conda_environment(pins, lowest_python(pyproject))

@@ -59,20 +59,20 @@ def torch_cuda() -> str | None:
 
 def lock_record(repo: Path, installed: dict[str, str]) -> dict:
     """The lock's file name and sha256, and how the environment (``installed``) departs
-    from it: a distribution at another version than the lock's, or a runtime one
-    missing (the test extra is not needed to run). ``sha256`` and ``differences`` are
-    ``None`` where ``repo`` has no lock."""
+    from the lock's runtime part (the test extra is not needed to run, and need not
+    match): a runtime distribution missing or at another version. ``sha256`` and
+    ``differences`` are ``None`` where ``repo`` has no lock."""
     lock = Path(repo) / LOCK
     if not lock.is_file():
         return {"file": LOCK, "sha256": None, "differences": None}
     pins = read_lock(lock)
     pyproject = Path(repo) / "pyproject.toml"
     roots = project_requirements(pyproject, extras=()) if pyproject.is_file() else []
-    required = {pin.name for pin in runtime_pins(pins, roots)}
+    runtime = {pin.name for pin in runtime_pins(pins, roots)}
     return {
         "file": LOCK,
         "sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
-        "differences": environment_differences(pins, installed, required),
+        "differences": environment_differences(pins, installed, runtime),
     }
 
 
