@@ -125,10 +125,9 @@ def uncovered_requirements(
     pins: list[Pin], requirements: list[Requirement], targets: tuple[dict[str, str], ...]
 ) -> list[str]:
     """One sentence per requirement the lock leaves open in one of ``targets`` (see
-    :func:`lock_targets`): no pin
-    that applies there, or one at a version outside the requirement's specifier. A
-    requirement is checked only where its own marker holds. Empty when the lock covers
-    them all."""
+    :func:`lock_targets`): no pin that applies there, or one at a version outside the
+    requirement's specifier. A requirement is checked only where its own marker holds.
+    Empty when the lock covers them all."""
     problems = []
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
